@@ -1,0 +1,243 @@
+"""Calibration and evaluation data: npz files, folders of them, in-memory arrays, or iterables of feeds.
+
+Two npz layouts, told apart by rank (../specs/scheme.md): an array of the input's rank is cut into batches
+along its first (batch) axis; an array of one rank more stacks whole model inputs, fed one per run.
+Everything is validated against the model's inputs before any inference runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qdq.calibrate.npz import iter_rows, read_members
+from qdq.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+
+Dim = int | str | None
+DataLike = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, numpy dtype and shape (``str``/``None`` for dynamic dims; ``None`` if rank unknown)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...] | None
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.dtype} [{dims}]"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One inference run's inputs, and how many samples it holds."""
+
+    feeds: dict[str, np.ndarray]
+    samples: int
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (graph inputs that are not initializers)."""
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        shape = None
+        if tensor.HasField("shape"):
+            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
+
+
+class ArrayData:
+    """Arrays keyed by input name (an npz file's, or in memory), cut into runs per the layout rules."""
+
+    def __init__(self, where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+                 specs: list[InputSpec], batch_size: int | None) -> None:
+        self.where = where
+        self.stacked, self.samples = check_layout(where, meta, specs)
+        self.rows = 1 if self.stacked else resolve_batch_size(where, specs, batch_size)
+        fixed = not self.stacked and any(s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 for s in specs)
+        if fixed and self.samples < self.rows:
+            raise DataError(f"{where}: {self.samples} samples, fewer than the model's fixed batch size {self.rows}")
+        self.usable = self.samples - self.samples % self.rows if fixed else self.samples
+        if self.usable < self.samples:
+            log.warning("%s: the last %d samples do not fill a batch of %d and are skipped",
+                        where, self.samples - self.usable, self.rows)
+
+    def runs(self) -> int:
+        return -(-self.usable // self.rows)
+
+    def blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Batch]:
+        seen = 0
+        for block in self.blocks():
+            if seen >= self.usable:
+                return
+            if self.stacked:
+                yield Batch({k: v[0] for k, v in block.items()}, samples=1)
+            else:
+                yield Batch(block, samples=next(iter(block.values())).shape[0])
+            seen += next(iter(block.values())).shape[0]
+
+
+class NpzData(ArrayData):
+    def __init__(self, path: Path, specs: list[InputSpec], batch_size: int | None) -> None:
+        self.path = path
+        members = read_members(path)
+        super().__init__(str(path), {k: (m.dtype, m.shape) for k, m in members.items()}, specs, batch_size)
+        self.keys = [s.name for s in specs]
+
+    def blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter_rows(self.path, self.keys, self.rows)
+
+
+class InMemoryData(ArrayData):
+    def __init__(self, arrays: Mapping[str, np.ndarray], specs: list[InputSpec], batch_size: int | None) -> None:
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        super().__init__("the data", {k: (v.dtype, v.shape) for k, v in self.arrays.items()}, specs, batch_size)
+
+    def blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, self.usable, self.rows):
+            yield {k: v[start:start + self.rows] for k, v in self.arrays.items()}
+
+
+class FeedData:
+    """An iterable of ``{input name: array}`` feeds, each fed as one run, checked as it comes."""
+
+    def __init__(self, feeds: Iterable[Mapping[str, np.ndarray]], specs: list[InputSpec]) -> None:
+        self.feeds, self.specs, self.where = feeds, specs, "the data"
+
+    def runs(self) -> int | None:
+        return len(self.feeds) if hasattr(self.feeds, "__len__") else None
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, feed in enumerate(self.feeds):
+            if not isinstance(feed, Mapping):
+                raise DataError(f"item {i} of the data is a {type(feed).__name__}, expected a dict of arrays")
+            arrays = {k: np.asarray(v) for k, v in feed.items()}
+            check_names(f"item {i} of the data", arrays, self.specs)
+            for spec in self.specs:
+                check_array(f"item {i} of the data", spec, arrays[spec.name].dtype, arrays[spec.name].shape,
+                            leading=0)
+            first = arrays[self.specs[0].name]
+            yield Batch(arrays, samples=first.shape[0] if first.ndim else 1)
+
+
+class Dataset:
+    """All batches of a data source, in a fixed order; iterate as often as needed."""
+
+    def __init__(self, parts: list[ArrayData] | list[FeedData], name: str) -> None:
+        self.parts, self.name = parts, name
+
+    def runs(self) -> int | None:
+        counts = [p.runs() for p in self.parts]
+        return None if None in counts else sum(c for c in counts if c is not None)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for part in self.parts:
+            yield from part
+
+
+def open_data(data: DataLike, specs: list[InputSpec], batch_size: int | None = None) -> Dataset:
+    """A Dataset over ``data``: an ``.npz`` path, a folder of them, ``{name: array}``, or an iterable of those."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
+            if not files:
+                raise DataError(f"{path}: the folder holds no .npz files")
+            return Dataset([NpzData(f, specs, batch_size) for f in files], str(path))
+        if not path.is_file():
+            raise DataError(f"{path}: no such file or folder")
+        return Dataset([NpzData(path, specs, batch_size)], str(path))
+    if isinstance(data, Mapping):
+        return Dataset([InMemoryData(data, specs, batch_size)], "the data")
+    if isinstance(data, Iterable):
+        return Dataset([FeedData(data, specs)], "the data")
+    raise DataError(f"cannot read data from a {type(data).__name__}: give an .npz path, a folder, "
+                    "a dict of arrays or an iterable of dicts")
+
+
+def check_names(where: str, present: Iterable[str], specs: list[InputSpec]) -> None:
+    names = {s.name for s in specs}
+    present = set(present)
+    if missing := sorted(names - present):
+        raise DataError(f"{where}: no array for model input {missing[0]!r} "
+                        f"(model inputs: {', '.join(sorted(names))}; found: {', '.join(sorted(present)) or 'none'})")
+    if extra := sorted(present - names):
+        raise DataError(f"{where}: array {extra[0]!r} is not a model input (model inputs: {', '.join(sorted(names))})")
+
+
+def check_array(where: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, ...], *, leading: int) -> None:
+    """Check an array's dtype, and its static dims after the first ``leading`` axes, against ``spec``.
+
+    ``leading`` is 0 for a feed given as is, 1 for samples along the batch axis (the batch dim is free), and 1
+    for stacked whole inputs (the stacking axis comes on top of the input's own shape).
+    """
+    if dtype != spec.dtype:
+        raise DataError(f"{where}: input {spec.name!r} is {dtype}, the model expects {spec.dtype} "
+                        f"(convert with .astype(np.{spec.dtype}))")
+    if spec.shape is None:
+        return
+    own = shape[leading:]  # dims that must match the input's trailing dims
+    expected = spec.shape[len(spec.shape) - len(own):] if len(own) <= len(spec.shape) else ()
+    mismatch = (leading == 0 and len(own) != len(spec.shape)) or len(own) != len(expected) or any(
+        isinstance(e, int) and e > 0 and e != s for s, e in zip(own, expected, strict=True))
+    if mismatch:
+        raise DataError(f"{where}: input {spec.name!r} has shape {list(shape)}, the model expects {spec.describe()}")
+
+
+def check_layout(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]], specs: list[InputSpec]
+                 ) -> tuple[bool, int]:
+    """Validate arrays against the inputs; return (stacked layout?, number of samples)."""
+    check_names(where, meta, specs)
+    layouts = set()
+    for spec in specs:
+        dtype, shape = meta[spec.name]
+        rank = None if spec.shape is None else len(spec.shape)
+        if rank is not None and len(shape) not in (rank, rank + 1):
+            raise DataError(f"{where}: input {spec.name!r} has shape {list(shape)}, expected {spec.describe()} "
+                            f"(samples along the batch axis) or one more leading axis stacking such inputs")
+        if not shape or shape[0] == 0:
+            raise DataError(f"{where}: input {spec.name!r} holds no samples (shape {list(shape)})")
+        stacked = rank is not None and len(shape) == rank + 1
+        layouts.add(stacked)
+        check_array(where, spec, dtype, shape, leading=1)
+    if len(layouts) > 1:
+        raise DataError(f"{where}: some arrays stack whole inputs and others batch along axis 0; use one layout")
+    counts = {meta[s.name][1][0] for s in specs}
+    if len(counts) > 1:
+        raise DataError(f"{where}: the inputs hold different numbers of samples ({sorted(counts)})")
+    return layouts.pop(), counts.pop()
+
+
+def resolve_batch_size(where: str, specs: list[InputSpec], requested: int | None) -> int:
+    """The model's fixed batch size, the requested one for a dynamic batch axis, or the default."""
+    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    if len(fixed) > 1:
+        raise DataError(f"{where}: the model's inputs have different fixed batch sizes {sorted(fixed)}; "
+                        "stack whole inputs along a new first axis instead")
+    if fixed:
+        size = fixed.pop()
+        if requested is not None and requested != size:
+            raise DataError(f"batch size {requested} was asked for, but the model's batch axis is fixed at {size}")
+        return size
+    return requested or DEFAULT_BATCH_SIZE

@@ -1,0 +1,139 @@
+"""The ``qdq`` command: thin subcommands over the library API.
+
+Exit codes: 0 success, 1 bad input or a failed check (one line on stderr), 2 usage error,
+3 a missing optional dependency, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from qdq import __version__
+from qdq.compare import Comparison, load_labels
+from qdq.config import METHODS, WEIGHT_FORMATS, QuantizeConfig
+from qdq.errors import QdqError
+from qdq.model_io import check_writable
+from qdq.quantize import QuantizeResult, quantize
+from qdq.ranges import TensorRanges
+
+log = logging.getLogger("qdq")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = setup_logging(quiet=args.quiet, debug=args.debug)
+    try:
+        return args.run(args)
+    except QdqError as exc:
+        print(f"qdq: error: {exc}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qdq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in qdq: still one line, with the way to learn more
+        print(f"qdq: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return 1
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qdq", description="Quantize float ONNX models to explicit INT8 "
+                                     "Q/DQ for TensorRT.")
+    parser.add_argument("--version", action="version", version=f"qdq {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    q = commands.add_parser("quantize", parents=[common], help="quantize a float model",
+                            description="Insert Q/DQ pairs (INT8, symmetric, per-channel weights) and write the "
+                                        "quantized model.")
+    q.add_argument("model", type=Path, help="float ONNX model")
+    q.add_argument("-o", "--output", type=Path, required=True, help="where to write the quantized model")
+    add_data_args(q)
+    q.add_argument("--method", choices=METHODS, default="max", help="activation range method (default: max)")
+    q.add_argument("--weights", choices=WEIGHT_FORMATS, default="int8",
+                   help="store quantized weights as int8 + DequantizeLinear (default, 4x smaller) or float + Q/DQ")
+    q.add_argument("--per-tensor-weights", action="store_true",
+                   help="one scale per weight tensor instead of one per output channel")
+    q.add_argument("--ranges", type=Path, help="qdq JSON range file; tensors it lacks are calibrated")
+    q.add_argument("--save-ranges", type=Path, metavar="FILE", help="also write the ranges used, as JSON")
+    q.set_defaults(run=run_quantize)
+    return parser
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--calib", metavar="DATA",
+                       help=".npz keyed by input name (first axis: samples), or a folder of them")
+    group.add_argument("--eval", metavar="DATA", help="data to compare float and int8 on (default: --calib)")
+    group.add_argument("--labels", type=Path, metavar="FILE",
+                       help=".npy of class labels for the evaluation data, to report accuracy")
+    group.add_argument("--batch-size", type=int, metavar="N",
+                       help="samples per run for a dynamic batch axis (default: the model's fixed batch, else 16)")
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    output = check_writable(args.output, not_same_as=args.model)  # fail before the long work
+    config = QuantizeConfig(method=args.method, batch_size=args.batch_size, weights=args.weights,
+                            per_channel=not args.per_tensor_weights)
+    ranges = TensorRanges.load(args.ranges) if args.ranges else None
+    labels = load_labels(args.labels) if args.labels else None
+    evaluation = args.eval or args.calib
+    if args.save_ranges:
+        check_writable(args.save_ranges)
+    result = quantize(args.model, args.calib, config=config, ranges=ranges, evaluation_data=evaluation,
+                      labels=labels)
+    result.save(output)
+    if args.save_ranges:
+        result.ranges.save(args.save_ranges)
+    print_summary(result, output, evaluation)
+    return 0
+
+
+def print_summary(result: QuantizeResult, output: Path, evaluation: str | None) -> None:
+    report = result.report
+    print(f"quantized {report.quantized_nodes} of {report.total_nodes} nodes: {report.activations} activations "
+          f"(per tensor, {result.ranges.method} on {result.ranges.samples} samples), {report.weights} weights")
+    if report.comparison is not None:
+        print_comparison(report.comparison, evaluation)
+    size = output.stat().st_size
+    print(f"wrote {output} ({size / 1e6:.2f} MB) in {report.seconds:.1f} s")
+
+
+def print_comparison(comparison: Comparison, source: str | None) -> None:
+    print(f"int8 vs float on {comparison.samples} samples of {source}:")
+    width = max(len("output"), *(len(o.name) for o in comparison.outputs))
+    print(f"  {'output':<{width}}  {'SQNR dB':>8}  {'max abs err':>11}  {'top-1 agree':>11}")
+    for o in comparison.outputs:
+        agree = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%"
+        print(f"  {o.name:<{width}}  {o.sqnr_db:>8.2f}  {o.max_abs_error:>11.4g}  {agree:>11}")
+    if comparison.float_accuracy is not None and comparison.quant_accuracy is not None:
+        print(f"accuracy: float {100 * comparison.float_accuracy:.2f}%  int8 {100 * comparison.quant_accuracy:.2f}%")
+
+
+def setup_logging(*, quiet: bool, debug: bool) -> logging.Handler:
+    """Log qdq's progress and warnings to stderr, one ``qdq: ...`` line each, for this command only."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("qdq: %(levelname)s: %(message)s" if debug else "qdq: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    return handler
+
+
+if __name__ == "__main__":
+    sys.exit(main())

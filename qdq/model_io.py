@@ -1,0 +1,130 @@
+"""Reading and writing ONNX models: external data aware, atomic, never touching the input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_model
+
+from qdq.errors import ModelError, OutputError
+
+log = logging.getLogger(__name__)
+
+# Protobuf cannot serialise a message of 2 GiB or more; above this size weights go to an external data file.
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
+    """Read a model from a path (with its external data) or copy a ModelProto, and check it is valid ONNX.
+
+    The caller's ModelProto is never modified: qdq works on a copy.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        where = "the model"
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise ModelError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+        if path.stat().st_size == 0:
+            raise ModelError(f"{path}: the file is empty, not an ONNX model")
+        try:
+            model = onnx.load(str(path), load_external_data=True)
+        except onnx.checker.ValidationError as exc:  # raised for external data that is missing or misplaced
+            raise ModelError(f"{path}: its external data cannot be read ({first_line(exc)})") from exc
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise ModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
+        except OSError as exc:
+            raise ModelError(f"{path}: its external data cannot be read ({first_line(exc)})") from exc
+    if not model.graph.node:
+        raise ModelError(f"{where}: the graph has no nodes (is this an ONNX model?)")
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"{where}: invalid ONNX model: {first_line(exc)}") from exc
+    return model
+
+
+def check_writable(path: str | os.PathLike[str], *, not_same_as: str | os.PathLike[str] | None = None) -> Path:
+    """Fail early, before any long work, when ``path`` cannot be written as an output file."""
+    out = Path(path)
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; give a file name such as {out / 'model.qdq.onnx'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{out}: the directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{out}: no permission to write in {parent}")
+    if not_same_as is not None and Path(not_same_as).exists() and out.exists():
+        if os.path.samefile(out, not_same_as):
+            raise OutputError(f"{out}: the output would overwrite the input model; choose another path")
+    return out
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, check: bool = True) -> Path:
+    """Write ``model`` to ``path`` atomically: staged in the same directory, checked, then renamed.
+
+    Models of 1.8 GB or more store their weights in ``<name>.data`` beside the model. Whatever was at
+    ``path`` before survives intact when anything fails.
+    """
+    out = check_writable(path)
+    external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    try:
+        with staged(out) as staged_path:
+            if external:
+                onnx.save_model(model, str(staged_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=f"{out.name}.data", size_threshold=1024)
+                # Saving moved the weights out of the caller's proto: read them back so it stays whole.
+                load_external_data_for_model(model, str(staged_path.parent))
+            else:
+                staged_path.write_bytes(model.SerializeToString(deterministic=True))
+            if check:
+                onnx.checker.check_model(str(staged_path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise OutputError(f"{out}: the quantized model fails the ONNX checker, not written: {first_line(exc)}") from exc
+    return out
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a staged file and a rename: never a half-written file."""
+    out = check_writable(path)
+    with staged(out) as staged_path:
+        staged_path.write_bytes(data)
+    return out
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """Yield a path in a private folder beside ``out``; on success move what was written there into place.
+
+    Files other than ``out``'s own name (external data) are moved first, the model last.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield workdir / out.name
+        for produced in sorted(workdir.iterdir(), key=lambda p: p.name == out.name):
+            os.replace(produced, out.parent / produced.name)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, for one-line errors."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -1,0 +1,110 @@
+"""The one pass that writes Q/DQ nodes, exactly as the plan says."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qdq.errors import CalibrationError
+from qdq.graph import export_model, fresh_name, import_graph
+from qdq.passes.base import PassResult
+from qdq.placement.plan import QuantPlan
+from qdq.ranges import TensorRanges
+from qdq.scheme import quantize_int8, symmetric_scale, weight_amax
+
+
+class MaterializeQDQ:
+    """Insert one Q/DQ pair per planned activation and one per planned (weight, axis); rewire the planned inputs.
+
+    Precondition: every planned activation has a range. Names derive from the quantized tensor
+    (``<tensor>_QuantizeLinear``, ``<tensor>_scale``...) so the graph reads well in Netron; each Q and weight
+    DQ node's doc_string says where its scale came from.
+    """
+
+    name = "materialize-qdq"
+
+    def __init__(self, plan: QuantPlan, ranges: TensorRanges, *, weights: str = "int8") -> None:
+        self.plan, self.ranges, self.weights = plan, ranges, weights
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        activations = self.plan.activations()
+        if missing := sorted(set(activations) - self.ranges.names()):
+            raise CalibrationError(f"no range for {len(missing)} tensors to quantize, e.g. {missing[:3]}: "
+                                   "calibrate with data or give a range file that covers them")
+        graph = import_graph(model)
+        tensors = graph.tensors()
+        nodes = {node.name: node for node in graph.nodes}
+        writer = QdqWriter(graph, taken=set(tensors) | set(nodes))
+        for name, uses in activations.items():
+            amax = self.ranges.amax[name]
+            doc = f"activation, per tensor: amax={amax!r} ({self.ranges.method} calibration), scale=amax/127"
+            dq = writer.pair(tensors[name], symmetric_scale(amax), axis=None, doc=doc)
+            rewire(nodes, uses, dq)
+        for (name, axis), uses in self.plan.weights().items():
+            rewire(nodes, uses, writer.weight(tensors[name], axis, int8=self.weights == "int8"))
+        graph.cleanup().toposort()
+        out = export_model(graph, like=model)
+        for node in out.graph.node:
+            if node.name in writer.docs:
+                node.doc_string = writer.docs[node.name]
+        return PassResult(out, modified=bool(activations) or bool(self.plan.weights()))
+
+
+def rewire(nodes: dict[str, gs.Node], uses: list[tuple[str, int]], tensor: gs.Tensor) -> None:
+    for node, index in uses:
+        nodes[node].inputs[index] = tensor
+
+
+class QdqWriter:
+    """Makes Q/DQ nodes and their constants with fresh, readable names."""
+
+    def __init__(self, graph: gs.Graph, taken: set[str]) -> None:
+        self.graph, self.taken = graph, taken
+        self.docs: dict[str, str] = {}
+
+    def pair(self, source: gs.Tensor, scale: np.ndarray, *, axis: int | None, doc: str) -> gs.Variable:
+        """``source -> QuantizeLinear -> DequantizeLinear``; returns the DequantizeLinear output."""
+        base = source.name
+        scale_c, zero_c = self.scale_and_zero(base, scale)
+        attrs = {} if axis is None else {"axis": axis}
+        quantized = gs.Variable(self.fresh(f"{base}_quantized"), dtype=np.int8, shape=source.shape)
+        q = gs.Node("QuantizeLinear", self.fresh(f"{base}_QuantizeLinear"), attrs,
+                    [source, scale_c, zero_c], [quantized])
+        self.graph.nodes.append(q)
+        self.docs[q.name] = doc
+        return self.dequantize(base, quantized, scale_c, zero_c, attrs, source.shape)
+
+    def weight(self, source: gs.Constant, axis: int | None, *, int8: bool) -> gs.Variable:
+        """A constant weight quantized from its own values (per channel along ``axis``, or per tensor)."""
+        values = source.values
+        amax = weight_amax(values, axis)
+        scale = symmetric_scale(amax)
+        where = "per tensor" if axis is None else f"per channel, axis {axis}"
+        doc = f"weight, {where}: amax=max|w| (largest {float(amax.max())!r}), scale=amax/127"
+        base = source.name
+        if not int8:
+            return self.pair(source, scale, axis=axis, doc=doc)
+        scale_c, zero_c = self.scale_and_zero(base, scale)
+        attrs = {} if axis is None else {"axis": axis}
+        stored = gs.Constant(self.fresh(f"{base}_int8"), quantize_int8(values, scale, axis))
+        dq_out = self.dequantize(base, stored, scale_c, zero_c, attrs, list(values.shape))
+        self.docs[dq_out.inputs[0].name] = doc
+        return dq_out
+
+    def dequantize(self, base: str, quantized: gs.Tensor, scale_c: gs.Constant, zero_c: gs.Constant,
+                   attrs: dict, shape) -> gs.Variable:
+        out = gs.Variable(self.fresh(f"{base}_dequantized"), dtype=np.float32, shape=shape)
+        dq = gs.Node("DequantizeLinear", self.fresh(f"{base}_DequantizeLinear"), dict(attrs),
+                     [quantized, scale_c, zero_c], [out])
+        self.graph.nodes.append(dq)
+        return out
+
+    def scale_and_zero(self, base: str, scale: np.ndarray) -> tuple[gs.Constant, gs.Constant]:
+        scale = np.asarray(scale, dtype=np.float32)
+        return (gs.Constant(self.fresh(f"{base}_scale"), scale),
+                gs.Constant(self.fresh(f"{base}_zero_point"), np.zeros(scale.shape, dtype=np.int8)))
+
+    def fresh(self, name: str) -> str:
+        return fresh_name(name, self.taken)
+

@@ -1,0 +1,39 @@
+"""Raise the model's opset to the one qdq writes (13: per-channel DequantizeLinear needs ``axis``)."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import version_converter
+
+from qdq.errors import ModelError
+from qdq.graph import default_opset
+from qdq.model_io import first_line
+from qdq.passes.base import PassResult
+
+MIN_OPSET = 13
+# ONNX's versioning table: opset 13 came with IR version 7.
+MIN_IR_FOR_OPSET_13 = 7
+
+
+class UpgradeOpset:
+    """Convert a model below opset 13 with ONNX's version converter, and say so."""
+
+    name = "upgrade-opset"
+
+    def __init__(self, minimum: int = MIN_OPSET) -> None:
+        self.minimum = minimum
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        current = default_opset(model)
+        if current >= self.minimum:
+            return PassResult(model, modified=False)
+        try:
+            upgraded = version_converter.convert_version(model, self.minimum)
+        except Exception as exc:  # the converter raises ConvertError, RuntimeError or IndexError
+            raise ModelError(
+                f"the model's opset {current} is below {self.minimum}, which per-channel Q/DQ needs, and ONNX's "
+                f"version converter could not upgrade it: {first_line(exc)}; re-export the model at opset "
+                f"{self.minimum} or later"
+            ) from exc
+        upgraded.ir_version = max(upgraded.ir_version, MIN_IR_FOR_OPSET_13)
+        return PassResult(upgraded, modified=True, notes=(f"opset raised from {current} to {self.minimum}",))

@@ -1,0 +1,158 @@
+"""The pipeline: load → prepare → plan → calibrate → insert Q/DQ → check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qdq import __version__
+from qdq.calibrate.collect import collect_ranges
+from qdq.calibrate.data import DataLike, input_specs, open_data
+from qdq.compare import Comparison, compare_models
+from qdq.config import QuantizeConfig
+from qdq.errors import CalibrationError, OutputError
+from qdq.model_io import PROTOBUF_LIMIT, first_line, load_model, save_model
+from qdq.passes.base import run_passes
+from qdq.passes.fold_constants import FoldConstants
+from qdq.passes.materialize import MaterializeQDQ
+from qdq.passes.names import NameNodes
+from qdq.passes.opset import UpgradeOpset
+from qdq.passes.shapes import InferShapes
+from qdq.placement import QuantPlan, plan_quantization
+from qdq.ranges import TensorRanges
+from qdq.runtime import make_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What quantization did, for people: counts, notes from the passes, and the float-vs-int8 comparison."""
+
+    quantized_nodes: int
+    total_nodes: int
+    activations: int
+    weights: int
+    notes: tuple[str, ...] = ()
+    comparison: Comparison | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, int]:
+        return {"quantized_nodes": self.quantized_nodes, "nodes": self.total_nodes,
+                "activations": self.activations, "weights": self.weights}
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The quantized model, the ranges it was built from, the plan, and the report."""
+
+    model: onnx.ModelProto
+    ranges: TensorRanges
+    plan: QuantPlan
+    report: Report = field(repr=False)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the model atomically (external data for models over 1.8 GB), after the full ONNX check."""
+        return save_model(self.model, path)
+
+
+def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Opset ≥ 13, constants folded, shapes inferred, every node named: the graph placement sees."""
+    return run_passes(model, [UpgradeOpset(), FoldConstants(), InferShapes(), NameNodes()])
+
+
+def quantize(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    calibration_data: DataLike | None = None,
+    *,
+    config: QuantizeConfig | None = None,
+    ranges: TensorRanges | None = None,
+    evaluation_data: DataLike | None = None,
+    labels: np.ndarray | None = None,
+) -> QuantizeResult:
+    """Quantize a float ONNX model to explicit INT8 Q/DQ for TensorRT.
+
+    Args:
+        model: a path to an ``.onnx`` file or a ModelProto (never modified).
+        calibration_data: an ``.npz`` path, a folder of them, ``{input: array}``, or an iterable of such dicts
+            (each fed as one run). Needed unless ``ranges`` covers every tensor to quantize.
+        config: options; the defaults are max calibration and int8 per-channel weights.
+        ranges: known amax per tensor; tensors it lacks are calibrated.
+        evaluation_data: data to compare the float and quantized models on (same forms as calibration_data).
+        labels: class labels for ``evaluation_data``, for accuracy.
+
+    Raises:
+        QdqError: with a message naming the file, tensor or node at fault.
+    """
+    config = config or QuantizeConfig()
+    started = time.perf_counter()
+    source = load_model(model)
+    prepared, notes = prepare(source)
+    specs = input_specs(prepared)
+    calibration = None if calibration_data is None else open_data(calibration_data, specs, config.batch_size)
+    evaluation = None if evaluation_data is None else open_data(evaluation_data, specs, config.batch_size)
+
+    plan = plan_quantization(prepared, per_channel=config.per_channel)
+    if not plan:
+        notes.append("nothing to quantize: the model has no Conv, ConvTranspose, Gemm or MatMul on float32 "
+                     "tensors; the output is the prepared float model")
+        log.warning("%s", notes[-1])
+    needed = plan.activation_names()
+    known = ranges or TensorRanges({}, method=config.method)
+    missing = [name for name in needed if name not in known]
+    if missing:
+        if calibration is None:
+            raise CalibrationError(f"{len(missing)} tensors need a range and no calibration data was given "
+                                   f"(e.g. {missing[:3]}); pass calibration data or a range file")
+        collected = collect_ranges(prepared, missing, calibration, method=config.method)
+        known = merge_ranges(known, collected)
+    used = TensorRanges({n: known.amax[n] for n in needed}, method=known.method, samples=known.samples)
+
+    quantized = MaterializeQDQ(plan, used, weights=config.weights).run(prepared).model
+    report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(needed), len(plan.weights()),
+                    tuple(notes))
+    stamp_metadata(quantized, config, report, used)
+    check_quantized(quantized)
+    comparison = None if evaluation is None else compare_models(prepared, quantized, evaluation, labels)
+    report = dataclasses.replace(report, comparison=comparison, seconds=time.perf_counter() - started)
+    return QuantizeResult(quantized, used, plan, report)
+
+
+def merge_ranges(given: TensorRanges, collected: TensorRanges) -> TensorRanges:
+    if not given.amax:
+        return collected
+    method = given.method if given.method == collected.method else f"{given.method}+{collected.method}"
+    return TensorRanges({**given.amax, **collected.amax}, method=method, samples=collected.samples)
+
+
+def stamp_metadata(model: onnx.ModelProto, config: QuantizeConfig, report: Report, ranges: TensorRanges) -> None:
+    """Record tool, options and a summary in the model's metadata (shown by Netron's model properties)."""
+    entries = {
+        "qdq.version": __version__,
+        "qdq.options": config.to_json(),
+        "qdq.summary": json.dumps({**report.summary(), "method": ranges.method, "samples": ranges.samples},
+                                  sort_keys=True, separators=(",", ":")),
+    }
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def check_quantized(model: onnx.ModelProto) -> None:
+    """The output must pass ONNX's full check and load in ONNX Runtime; anything else is qdq's bug."""
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise OutputError(f"the quantized model fails the ONNX checker: {first_line(exc)}") from exc
+    make_session(model, what="the quantized model")

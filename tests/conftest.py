@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny graphs in ONNX text, seeded data, ONNX Runtime as the numerical oracle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+import pytest
+
+from qdq.graph import import_graph
+from qdq.passes.fold_constants import FoldConstants
+from qdq.passes.opset import UpgradeOpset
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "models" / "digits"
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def parse(text: str, rng: np.random.Generator | None = None, *, weight_scale: float = 0.3) -> onnx.ModelProto:
+    """A model from ONNX text; initializers declared with ``= {...}`` placeholders get seeded random values."""
+    model = onnx.parser.parse_model(text)
+    if rng is not None:
+        model = with_random_weights(model, rng, scale=weight_scale)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def with_random_weights(model: onnx.ModelProto, rng: np.random.Generator, *, scale: float | None = None
+                        ) -> onnx.ModelProto:
+    """Replace every float initializer by seeded random values.
+
+    ``scale=None`` uses He initialisation for weights of rank >= 2 (fan-in from all axes but the first) and
+    uniform [0.5, 1.5] for 1-D tensors (BatchNorm statistics must be positive; biases may be anything), so deep
+    networks keep their activations in a sane range.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or not init.dims:
+            continue  # scalars are attributes in disguise (Dropout's ratio...), not weights
+        shape = tuple(init.dims)
+        if scale is not None:
+            values = rng.normal(0, scale, shape)
+        elif len(shape) >= 2:
+            fan_in = int(np.prod(shape[1:])) or 1
+            values = rng.normal(0, np.sqrt(2.0 / fan_in), shape)
+        else:
+            values = rng.uniform(0.5, 1.5, shape)
+        init.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), init.name))
+    return out
+
+
+def light_model(name: str, rng: np.random.Generator) -> onnx.ModelProto:
+    """An ONNX-wheel test model (placeholder weights made by ConstantOfShape), folded, with random weights."""
+    model = onnx.load(str(LIGHT / f"light_{name}.onnx"))
+    model = FoldConstants().run(UpgradeOpset().run(model).model).model
+    return with_random_weights(model, rng)
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
+            ) -> list[np.ndarray]:
+    """The oracle: ONNX Runtime on CPU with graph optimisations off."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    if outputs is not None:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        del model.graph.output[:]
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(outputs, feeds)
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    noise = float(np.sum((ref.astype(np.float64) - test) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
+
+
+def nodes_by_op(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: n for n in model.graph.node for out in n.output}
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return onnx.numpy_helper.to_array(init)
+    raise KeyError(name)
+
+
+def gs_graph(model: onnx.ModelProto):
+    return import_graph(model)
+
+
+def read_only(path: Path) -> tuple[bytes, float]:
+    """A file's bytes and mtime, to check that qdq never modifies its input."""
+    return path.read_bytes(), os.stat(path).st_mtime

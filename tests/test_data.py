@@ -1,0 +1,119 @@
+"""Calibration data: layouts, batching, streaming npz reads, and the errors users see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qdq.calibrate.data import InputSpec, open_data
+from qdq.errors import DataError
+
+IMAGE = InputSpec("image", np.dtype("float32"), ("batch", 3, 4, 4))
+FIXED = InputSpec("image", np.dtype("float32"), (2, 3, 4, 4))
+TOKENS = InputSpec("ids", np.dtype("int64"), (1, 7))
+
+
+def images(n: int, rng) -> np.ndarray:
+    return rng.normal(size=(n, 3, 4, 4)).astype(np.float32)
+
+
+def batches(data) -> list:
+    return list(data)
+
+
+def test_npz_batches_stream_in_order_with_a_short_last_batch(tmp_path, rng):
+    x = images(10, rng)
+    np.savez(tmp_path / "d.npz", image=x)
+    got = batches(open_data(tmp_path / "d.npz", [IMAGE], batch_size=4))
+    assert [b.samples for b in got] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([b.feeds["image"] for b in got]), x)
+
+
+def test_compressed_npz_streams_too(tmp_path, rng):
+    x = images(5, rng)
+    np.savez_compressed(tmp_path / "d.npz", image=x)
+    got = batches(open_data(tmp_path / "d.npz", [IMAGE], batch_size=2))
+    np.testing.assert_array_equal(np.concatenate([b.feeds["image"] for b in got]), x)
+
+
+def test_fixed_batch_drops_the_incomplete_tail(tmp_path, rng, caplog):
+    np.savez(tmp_path / "d.npz", image=images(5, rng))
+    got = batches(open_data(tmp_path / "d.npz", [FIXED]))
+    assert [b.feeds["image"].shape[0] for b in got] == [2, 2]
+    assert "last 1 samples" in caplog.text
+
+
+def test_stacked_layout_feeds_one_whole_input_per_run(tmp_path, rng):
+    ids = rng.integers(0, 100, (6, 1, 7))
+    np.savez(tmp_path / "d.npz", ids=ids)
+    got = batches(open_data(tmp_path / "d.npz", [TOKENS]))
+    assert len(got) == 6 and got[0].feeds["ids"].shape == (1, 7) and got[0].samples == 1
+    np.testing.assert_array_equal(got[5].feeds["ids"], ids[5])
+
+
+def test_folder_of_npz_files_read_in_name_order(tmp_path, rng):
+    a, b = images(3, rng), images(2, rng)
+    np.savez(tmp_path / "b.npz", image=b)
+    np.savez(tmp_path / "a.npz", image=a)
+    got = batches(open_data(tmp_path, [IMAGE], batch_size=8))
+    np.testing.assert_array_equal(np.concatenate([x.feeds["image"] for x in got]), np.concatenate([a, b]))
+
+
+def test_iterable_of_feeds_is_fed_as_given(rng):
+    feeds = [{"image": images(2, rng)}, {"image": images(3, rng)}]
+    got = batches(open_data(feeds, [IMAGE]))
+    assert [b.samples for b in got] == [2, 3]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"img": np.zeros((2, 3, 4, 4), np.float32)}, "no array for model input 'image'"),
+        ({"image": np.zeros((2, 3, 4, 4), np.float32), "extra": np.zeros(2)}, "'extra' is not a model input"),
+        ({"image": np.zeros((2, 3, 4, 4), np.float64)}, "is float64, the model expects float32"),
+        ({"image": np.zeros((2, 3, 5, 4), np.float32)}, "has shape [2, 3, 5, 4], the model expects float32 [batch"),
+        ({"image": np.zeros((2, 4, 4), np.float32)}, "has shape [2, 4, 4], expected"),
+        ({"image": np.zeros((0, 3, 4, 4), np.float32)}, "holds no samples"),
+    ],
+    ids=["missing", "unknown", "dtype", "shape", "rank", "empty"],
+)
+def test_bad_npz_names_the_file_the_input_and_the_expectation(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match="bad.npz") as err:
+        open_data(tmp_path / "bad.npz", [IMAGE])
+    assert message in str(err.value)
+
+
+def test_pickled_npz_is_refused(tmp_path):
+    np.savez(tmp_path / "p.npz", image=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DataError, match="pickle"):
+        open_data(tmp_path / "p.npz", [IMAGE])
+
+
+def test_not_an_npz_file(tmp_path):
+    (tmp_path / "x.npz").write_bytes(b"definitely not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        open_data(tmp_path / "x.npz", [IMAGE])
+
+
+def test_fewer_samples_than_a_fixed_batch(tmp_path, rng):
+    np.savez(tmp_path / "d.npz", image=images(1, rng))
+    with pytest.raises(DataError, match="1 samples, fewer than the model's fixed batch size 2"):
+        open_data(tmp_path / "d.npz", [FIXED])
+
+
+def test_batch_size_conflicting_with_a_fixed_batch(tmp_path, rng):
+    np.savez(tmp_path / "d.npz", image=images(4, rng))
+    with pytest.raises(DataError, match="fixed at 2"):
+        open_data(tmp_path / "d.npz", [FIXED], batch_size=3)
+
+
+def test_iterable_item_with_wrong_dtype_names_the_item(rng):
+    data = open_data([{"image": images(2, rng)}, {"image": images(2, rng).astype(np.float16)}], [IMAGE])
+    with pytest.raises(DataError, match="item 1 of the data: input 'image' is float16"):
+        batches(data)
+
+
+def test_missing_path():
+    with pytest.raises(DataError, match="no such file or folder"):
+        open_data("nowhere.npz", [IMAGE])
