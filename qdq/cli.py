@@ -18,10 +18,16 @@ from qdq.compare import Comparison, load_labels
 from qdq.config import METHODS, WEIGHT_FORMATS, QuantizeConfig
 from qdq.errors import QdqError
 from qdq.model_io import check_writable
-from qdq.quantize import QuantizeResult, quantize
-from qdq.ranges import TensorRanges
+from qdq.quantize import QuantizeResult, calibrate, quantize
+from qdq.range_files import FORMATS, format_for_path, read_ranges, write_ranges
 
 log = logging.getLogger("qdq")
+
+
+class UsageError(QdqError):
+    """Arguments that parse but do not go together."""
+
+    exit_code = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,19 +75,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store quantized weights as int8 + DequantizeLinear (default, 4x smaller) or float + Q/DQ")
     q.add_argument("--per-tensor-weights", action="store_true",
                    help="one scale per weight tensor instead of one per output channel")
-    q.add_argument("--ranges", type=Path, help="qdq JSON range file; tensors it lacks are calibrated")
-    q.add_argument("--save-ranges", type=Path, metavar="FILE", help="also write the ranges used, as JSON")
+    q.add_argument("--ranges", type=Path, metavar="FILE",
+                   help="known ranges: name:amax text, TensorRT calibration cache or qdq JSON; tensors it lacks "
+                        "are calibrated with --calib")
+    q.add_argument("--ranges-format", choices=FORMATS, help="the --ranges file's format (default: from its content)")
+    q.add_argument("--save-ranges", type=Path, metavar="FILE",
+                   help="also write the ranges used (.txt, .cache or .json)")
     q.set_defaults(run=run_quantize)
+
+    r = commands.add_parser("ranges", parents=[common], help="collect ranges, or convert a range file",
+                            description="Calibrate a model and write its ranges, or convert a range file between "
+                                        "formats (text name:amax, TensorRT calibration cache, qdq JSON).")
+    r.add_argument("model", type=Path, nargs="?", help="float ONNX model to calibrate (not with --from)")
+    r.add_argument("-o", "--output", type=Path, required=True, help="ranges file to write: .txt, .cache or .json")
+    r.add_argument("--format", choices=FORMATS, help="output format (default: from the output's suffix)")
+    r.add_argument("--from", dest="source", type=Path, metavar="FILE", help="convert this range file instead")
+    r.add_argument("--from-format", choices=FORMATS, help="the --from file's format (default: from its content)")
+    add_data_args(r, evaluation=False)
+    r.add_argument("--method", choices=METHODS, default="max", help="activation range method (default: max)")
+    r.set_defaults(run=run_ranges)
     return parser
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
+def add_data_args(parser: argparse.ArgumentParser, *, evaluation: bool = True) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--calib", metavar="DATA",
                        help=".npz keyed by input name (first axis: samples), or a folder of them")
-    group.add_argument("--eval", metavar="DATA", help="data to compare float and int8 on (default: --calib)")
-    group.add_argument("--labels", type=Path, metavar="FILE",
-                       help=".npy of class labels for the evaluation data, to report accuracy")
+    if evaluation:
+        group.add_argument("--eval", metavar="DATA", help="data to compare float and int8 on (default: --calib)")
+        group.add_argument("--labels", type=Path, metavar="FILE",
+                           help=".npy of class labels for the evaluation data, to report accuracy")
     group.add_argument("--batch-size", type=int, metavar="N",
                        help="samples per run for a dynamic batch axis (default: the model's fixed batch, else 16)")
 
@@ -90,17 +113,35 @@ def run_quantize(args: argparse.Namespace) -> int:
     output = check_writable(args.output, not_same_as=args.model)  # fail before the long work
     config = QuantizeConfig(method=args.method, batch_size=args.batch_size, weights=args.weights,
                             per_channel=not args.per_tensor_weights)
-    ranges = TensorRanges.load(args.ranges) if args.ranges else None
+    ranges = read_ranges(args.ranges, args.ranges_format) if args.ranges else None
     labels = load_labels(args.labels) if args.labels else None
     evaluation = args.eval or args.calib
     if args.save_ranges:
         check_writable(args.save_ranges)
+        format_for_path(args.save_ranges)
     result = quantize(args.model, args.calib, config=config, ranges=ranges, evaluation_data=evaluation,
                       labels=labels)
     result.save(output)
     if args.save_ranges:
         result.ranges.save(args.save_ranges)
     print_summary(result, output, evaluation)
+    return 0
+
+
+def run_ranges(args: argparse.Namespace) -> int:
+    fmt = args.format or format_for_path(args.output)
+    if args.source is not None:
+        if args.model is not None or args.calib:
+            raise UsageError("give either --from FILE (convert) or MODEL --calib DATA (calibrate), not both")
+        ranges = read_ranges(args.source, args.from_format)
+    else:
+        if args.model is None or not args.calib:
+            raise UsageError("give MODEL and --calib DATA to calibrate, or --from FILE to convert")
+        check_writable(args.output, not_same_as=args.model)
+        config = QuantizeConfig(method=args.method, batch_size=args.batch_size)
+        ranges = calibrate(args.model, args.calib, config=config)
+    write_ranges(ranges, args.output, fmt)
+    print(f"wrote {len(ranges)} ranges to {args.output} ({fmt})")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import onnx
 
 from qdq import __version__
 from qdq.calibrate.collect import collect_ranges
-from qdq.calibrate.data import DataLike, input_specs, open_data
+from qdq.calibrate.data import DataLike, Dataset, input_specs, open_data
 from qdq.compare import Comparison, compare_models
 from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, OutputError
@@ -27,7 +28,7 @@ from qdq.passes.names import NameNodes
 from qdq.passes.opset import UpgradeOpset
 from qdq.passes.shapes import InferShapes
 from qdq.placement import QuantPlan, plan_quantization
-from qdq.ranges import TensorRanges
+from qdq.ranges import TensorRanges, inherit_through_copies
 from qdq.runtime import make_session
 
 log = logging.getLogger(__name__)
@@ -105,19 +106,10 @@ def quantize(
         notes.append("nothing to quantize: the model has no Conv, ConvTranspose, Gemm or MatMul on float32 "
                      "tensors; the output is the prepared float model")
         log.warning("%s", notes[-1])
-    needed = plan.activation_names()
-    known = ranges or TensorRanges({}, method=config.method)
-    missing = [name for name in needed if name not in known]
-    if missing:
-        if calibration is None:
-            raise CalibrationError(f"{len(missing)} tensors need a range and no calibration data was given "
-                                   f"(e.g. {missing[:3]}); pass calibration data or a range file")
-        collected = collect_ranges(prepared, missing, calibration, method=config.method)
-        known = merge_ranges(known, collected)
-    used = TensorRanges({n: known.amax[n] for n in needed}, method=known.method, samples=known.samples)
+    used = plan_ranges(prepared, plan.activation_names(), calibration, config, ranges, notes)
 
     quantized = MaterializeQDQ(plan, used, weights=config.weights).run(prepared).model
-    report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(needed), len(plan.weights()),
+    report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(used), len(plan.weights()),
                     tuple(notes))
     stamp_metadata(quantized, config, report, used)
     check_quantized(quantized)
@@ -126,11 +118,45 @@ def quantize(
     return QuantizeResult(quantized, used, plan, report)
 
 
-def merge_ranges(given: TensorRanges, collected: TensorRanges) -> TensorRanges:
-    if not given.amax:
-        return collected
-    method = given.method if given.method == collected.method else f"{given.method}+{collected.method}"
-    return TensorRanges({**given.amax, **collected.amax}, method=method, samples=collected.samples)
+def calibrate(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    calibration_data: DataLike,
+    *,
+    config: QuantizeConfig | None = None,
+) -> TensorRanges:
+    """The ranges ``quantize`` would use for ``model`` on this data, without inserting Q/DQ (for range files)."""
+    config = config or QuantizeConfig()
+    prepared, notes = prepare(load_model(model))
+    calibration = open_data(calibration_data, input_specs(prepared), config.batch_size)
+    plan = plan_quantization(prepared, per_channel=config.per_channel)
+    return plan_ranges(prepared, plan.activation_names(), calibration, config, None, notes)
+
+
+def plan_ranges(model: onnx.ModelProto, needed: list[str], calibration: Dataset | None, config: QuantizeConfig,
+                given: TensorRanges | None, notes: list[str]) -> TensorRanges:
+    """A range for every tensor in ``needed``: from ``given`` (directly or through copy ops), else calibrated."""
+    known = given or TensorRanges({}, method=config.method)
+    if given is not None:
+        present = {t for n in model.graph.node for t in n.output} | {i.name for i in model.graph.input}
+        if unknown := [name for name in given if name not in present]:
+            log.warning("%d names in the range file are not tensors of this model and are ignored: %s",
+                        len(unknown), ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+        known, inherited = inherit_through_copies(model, needed, known)
+        notes.extend(inherited)
+    if missing := [name for name in needed if name not in known]:
+        if calibration is None:
+            raise CalibrationError(f"{len(missing)} tensors to quantize have no range: "
+                                   f"{describe_missing(missing, known)}; pass calibration data to calibrate them")
+        known = known.merged(collect_ranges(model, missing, calibration, method=config.method))
+    return known.subset(needed)
+
+
+def describe_missing(missing: list[str], known: TensorRanges) -> str:
+    parts = []
+    for name in missing[:5]:
+        near = difflib.get_close_matches(name, list(known), n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return ", ".join(parts) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
 
 
 def stamp_metadata(model: onnx.ModelProto, config: QuantizeConfig, report: Report, ranges: TensorRanges) -> None:

@@ -1,39 +1,45 @@
-"""Per-tensor ranges (amax) and qdq's JSON range file."""
+"""Per-tensor ranges: the amax of each activation, and exact scales where a file fixed them."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from qdq.errors import DataError
+import onnx
 
-FORMAT = "qdq-ranges"
-VERSION = 1
+from qdq.scheme import symmetric_scale
+
+# Ops whose output holds exactly the values of their data input, so it has the same amax.
+COPY_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
 
 
 @dataclass(frozen=True)
 class TensorRanges:
-    """``amax`` per tensor name, and how they were obtained."""
+    """``amax`` per tensor name, how they were obtained, and exact scales where a file gave them.
+
+    ``scales`` holds float32 scales that must be used bit for bit (a TensorRT calibration cache stores the
+    scale, not the amax); for other tensors the scale is ``float32(amax / 127)``. ``header`` keeps a cache's
+    first line so that writing it back reproduces the file.
+    """
 
     amax: Mapping[str, float]
     method: str = "max"
     samples: int = 0
-    extra: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    scales: Mapping[str, float] = field(default_factory=dict)
+    header: str | None = None
 
     def __post_init__(self) -> None:
         for name, value in self.amax.items():
             if not (isinstance(value, float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"tensor {name!r}: amax must be a finite float >= 0, got {value!r}")
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name: object) -> bool:
         return name in self.amax
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self.amax))
+        return iter(self.amax)
 
     def __len__(self) -> int:
         return len(self.amax)
@@ -41,34 +47,56 @@ class TensorRanges:
     def names(self) -> set[str]:
         return set(self.amax)
 
-    def to_json(self) -> str:
-        tensors = {name: {"amax": self.amax[name], **self.extra.get(name, {})} for name in sorted(self.amax)}
-        doc = {"format": FORMAT, "version": VERSION, "method": self.method, "samples": self.samples,
-               "tensors": tensors}
-        return json.dumps(doc, indent=1, sort_keys=False) + "\n"
+    def scale(self, name: str) -> float:
+        """The float32 scale of a tensor: the file's exact scale, or ``float32(amax / 127)``."""
+        if name in self.scales:
+            return self.scales[name]
+        return float(symmetric_scale(self.amax[name]))
+
+    def subset(self, names: list[str]) -> TensorRanges:
+        return TensorRanges({n: self.amax[n] for n in names}, method=self.method, samples=self.samples,
+                            scales={n: self.scales[n] for n in names if n in self.scales}, header=self.header)
+
+    def merged(self, other: TensorRanges) -> TensorRanges:
+        """These ranges completed by ``other``'s (ours win where both have a tensor)."""
+        if not self.amax:
+            return other
+        method = self.method if self.method == other.method else f"{self.method}+{other.method}"
+        return TensorRanges({**other.amax, **self.amax}, method=method, samples=other.samples or self.samples,
+                            scales={**other.scales, **self.scales}, header=self.header)
+
+    def save(self, path: str | os.PathLike[str], fmt: str | None = None) -> None:
+        from qdq.range_files import write_ranges
+
+        write_ranges(self, path, fmt)
 
     @classmethod
-    def from_json(cls, text: str, where: str = "the ranges") -> TensorRanges:
-        try:
-            doc = json.loads(text)
-            if doc.get("format") != FORMAT:
-                raise DataError(f"{where}: not a qdq range file (no \"format\": \"{FORMAT}\")")
-            amax = {name: float(entry["amax"]) for name, entry in doc["tensors"].items()}
-            return cls(amax, method=str(doc.get("method", "unknown")), samples=int(doc.get("samples", 0)))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise DataError(f"{where}: malformed qdq range file ({exc})") from exc
-        except ValueError as exc:
-            raise DataError(f"{where}: {exc}") from exc
+    def load(cls, path: str | os.PathLike[str], fmt: str | None = None) -> TensorRanges:
+        from qdq.range_files import read_ranges
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        from qdq.model_io import write_atomic
+        return read_ranges(path, fmt)
 
-        write_atomic(Path(path), self.to_json().encode())
 
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> TensorRanges:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-        return cls.from_json(text, where=str(path))
+def inherit_through_copies(model: onnx.ModelProto, names: list[str], ranges: TensorRanges
+                           ) -> tuple[TensorRanges, list[str]]:
+    """Give tensors made by copy ops (Reshape, Flatten, Transpose...) the range of their input when they lack one.
+
+    Range files name the tensors TensorRT saw; a reshape before a classifier often has none, but it holds the
+    same values as its input. Returns the completed ranges and a note per inherited tensor.
+    """
+    made_by = {out: node for node in model.graph.node for out in node.output}
+    amax, scales, notes = dict(ranges.amax), dict(ranges.scales), []
+    for name in names:
+        source, node = name, made_by.get(name)
+        while source not in amax and node is not None and node.op_type in COPY_OPS:
+            source = node.input[0]
+            node = made_by.get(source)
+        if source != name and source in amax:
+            amax[name] = amax[source]
+            if source in scales:
+                scales[name] = scales[source]
+            notes.append(f"tensor {name!r} takes the range of {source!r} (same values through copy ops)")
+    if not notes:
+        return ranges, notes
+    return TensorRanges(amax, method=ranges.method, samples=ranges.samples, scales=scales,
+                        header=ranges.header), notes

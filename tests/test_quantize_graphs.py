@@ -198,7 +198,7 @@ def test_node_names_and_docs_read_well_in_netron(rng):
     names = [n.name for n in out.graph.node]
     assert len(names) == len(set(names)) and all(names)
     q, = nodes_by_op(out, "QuantizeLinear")
-    assert q.name == "x_QuantizeLinear" and "amax=" in q.doc_string and "max calibration" in q.doc_string
+    assert q.name == "x_QuantizeLinear" and "amax=" in q.doc_string and "(max)" in q.doc_string
     meta = {p.key: p.value for p in out.metadata_props}
     assert meta["qdq.version"] == qdq.__version__ and '"method":"max"' in meta["qdq.options"]
 

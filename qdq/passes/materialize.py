@@ -37,9 +37,8 @@ class MaterializeQDQ:
         nodes = {node.name: node for node in graph.nodes}
         writer = QdqWriter(graph, taken=set(tensors) | set(nodes))
         for name, uses in activations.items():
-            amax = self.ranges.amax[name]
-            doc = f"activation, per tensor: amax={amax!r} ({self.ranges.method} calibration), scale=amax/127"
-            dq = writer.pair(tensors[name], symmetric_scale(amax), axis=None, doc=doc)
+            doc = f"activation, per tensor: amax={self.ranges.amax[name]!r} ({self.ranges.method}), scale=amax/127"
+            dq = writer.pair(tensors[name], np.float32(self.ranges.scale(name)), axis=None, doc=doc)
             rewire(nodes, uses, dq)
         for (name, axis), uses in self.plan.weights().items():
             rewire(nodes, uses, writer.weight(tensors[name], axis, int8=self.weights == "int8"))

@@ -1,0 +1,178 @@
+"""Range files: TensorRT's dynamic-range text, TensorRT calibration caches, and qdq's JSON.
+
+- text (``name:amax`` per line, TensorRT's sampleINT8API): names may hold colons and spaces, so each line is
+  split on its last colon.
+- cache (TensorRT's implicit-INT8 calibrators): a ``TRT-<version>-<Calibrator>`` header, then ``name: HEX`` per
+  line, HEX being the big-endian bits of the float32 *scale* (amax / 127) without leading zeros. A scale of 0
+  means "no usable range": such lines are skipped with a warning.
+- json: ``{"format": "qdq-ranges", "version": 1, "method": ..., "samples": N, "tensors": {name: {"amax": x}}}``.
+
+Reading a file and writing it back in the same format gives the same scales bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import struct
+from pathlib import Path
+
+from qdq.errors import DataError
+from qdq.model_io import write_atomic
+from qdq.ranges import TensorRanges
+from qdq.scheme import QMAX
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("text", "cache", "json")
+SUFFIXES = {".txt": "text", ".cache": "cache", ".calib": "cache", ".json": "json"}
+JSON_FORMAT, JSON_VERSION = "qdq-ranges", 1
+CACHE_HEADER = re.compile(r"^TRT-\d+-\w+$")
+DEFAULT_CACHE_HEADER = "TRT-100000-EntropyCalibration2"
+
+
+def detect_format(text: str) -> str:
+    """Tell the format from the content: a TRT-... header is a cache, a JSON object is qdq's, else text."""
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if first.startswith("TRT-"):
+        return "cache"
+    if first.startswith("{"):
+        return "json"
+    return "text"
+
+
+def format_for_path(path: Path) -> str:
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: cannot tell the range format from the suffix {path.suffix!r}; use .txt (text), "
+                        ".cache (TensorRT calibration cache) or .json, or name the format")
+    return fmt
+
+
+def read_ranges(path: str | os.PathLike[str], fmt: str | None = None) -> TensorRanges:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the range file ({getattr(exc, 'strerror', None) or exc})") from exc
+    return parse_ranges(text, str(path), fmt)
+
+
+def parse_ranges(text: str, where: str, fmt: str | None = None) -> TensorRanges:
+    fmt = fmt or detect_format(text)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown range format {fmt!r}: use one of {', '.join(FORMATS)}")
+    parse = {"text": parse_text, "cache": parse_cache, "json": parse_json}[fmt]
+    ranges = parse(text, where)
+    if not ranges.amax:
+        raise DataError(f"{where}: no ranges in the file")
+    return ranges
+
+
+def write_ranges(ranges: TensorRanges, path: str | os.PathLike[str], fmt: str | None = None) -> Path:
+    path = Path(path)
+    fmt = fmt or format_for_path(path)
+    render = {"text": render_text, "cache": render_cache, "json": render_json}[fmt]
+    return write_atomic(path, render(ranges).encode("utf-8"))
+
+
+def _entries(text: str, where: str, separator: str, start: int = 0):
+    """(line number, name, value) of each non-blank line, split on the last separator."""
+    for number, raw in enumerate(text.splitlines()[start:], start=start + 1):
+        line = raw.strip()
+        if not line:
+            continue
+        name, sep, value = line.rpartition(separator)
+        if not sep or not name.strip():
+            raise DataError(f"{where}:{number}: expected 'name{separator}value', got {line!r}")
+        yield number, name.strip(), value.strip()
+
+
+def _add(table: dict[str, tuple[float, int]], where: str, number: int, name: str, value: float) -> None:
+    if name in table and table[name][0] != value:
+        raise DataError(f"{where}:{number}: {name!r} is given twice with different values "
+                        f"(line {table[name][1]}: {table[name][0]!r}, here: {value!r})")
+    table.setdefault(name, (value, number))
+
+
+def parse_text(text: str, where: str) -> TensorRanges:
+    table: dict[str, tuple[float, int]] = {}
+    for number, name, value in _entries(text, where, ":"):
+        try:
+            amax = float(value)
+        except ValueError:
+            raise DataError(f"{where}:{number}: {name!r} has amax {value!r}, not a number") from None
+        if not (math.isfinite(amax) and amax > 0):
+            raise DataError(f"{where}:{number}: {name!r} has amax {value}; a range must be finite and > 0")
+        _add(table, where, number, name, amax)
+    return TensorRanges({name: v for name, (v, _) in table.items()}, method="text")
+
+
+def parse_cache(text: str, where: str) -> TensorRanges:
+    lines = text.splitlines()
+    header = lines[0].strip() if lines else ""
+    if not CACHE_HEADER.match(header):
+        raise DataError(f"{where}:1: expected a TensorRT cache header like 'TRT-8601-EntropyCalibration2', "
+                        f"got {header!r}")
+    table: dict[str, tuple[float, int]] = {}
+    unusable = []
+    for number, name, value in _entries(text, where, ": ", start=1):
+        try:
+            bits = int(value, 16)
+            if not 0 <= bits < 2**32:
+                raise ValueError
+        except ValueError:
+            raise DataError(f"{where}:{number}: {name!r} has {value!r}, not the hex bits of a float32") from None
+        scale = struct.unpack(">f", struct.pack(">I", bits))[0]
+        if scale == 0:
+            unusable.append(name)
+            continue
+        if not (math.isfinite(scale) and scale > 0):
+            raise DataError(f"{where}:{number}: {name!r} has scale {scale!r} (bits {value}); it must be finite "
+                            "and > 0")
+        _add(table, where, number, name, scale)
+    if unusable:
+        log.warning("%s: %d tensors have scale 0 (no usable range) and are skipped: %s", where, len(unusable),
+                    ", ".join(unusable[:5]) + (" ..." if len(unusable) > 5 else ""))
+    scales = {name: v for name, (v, _) in table.items()}
+    # amax = scale * 127 is exact in float64 (24 + 7 mantissa bits), so float32(amax / 127) == scale.
+    return TensorRanges({n: s * QMAX for n, s in scales.items()}, method=header.split("-", 2)[2],
+                        scales=scales, header=header)
+
+
+def parse_json(text: str, where: str) -> TensorRanges:
+    try:
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
+            raise DataError(f"{where}: not a qdq range file (no \"format\": \"{JSON_FORMAT}\")")
+        amax = {}
+        for name, entry in doc["tensors"].items():
+            value = float(entry["amax"])
+            if not (math.isfinite(value) and value > 0):
+                raise DataError(f"{where}: tensor {name!r} has amax {value!r}; a range must be finite and > 0")
+            amax[name] = value
+        return TensorRanges(amax, method=str(doc.get("method", "unknown")), samples=int(doc.get("samples", 0)))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DataError(f"{where}: malformed qdq range file ({exc})") from exc
+
+
+def render_text(ranges: TensorRanges) -> str:
+    return "".join(f"{name}:{ranges.amax[name]!r}\n" for name in ranges)
+
+
+def render_cache(ranges: TensorRanges) -> str:
+    lines = [ranges.header or DEFAULT_CACHE_HEADER]
+    for name in ranges:
+        bits = struct.unpack(">I", struct.pack(">f", ranges.scale(name)))[0]
+        lines.append(f"{name}: {bits:x}")
+    return "\n".join(lines) + "\n"
+
+
+def render_json(ranges: TensorRanges) -> str:
+    tensors = {name: {"amax": ranges.amax[name]} for name in ranges}
+    doc = {"format": JSON_FORMAT, "version": JSON_VERSION, "method": ranges.method, "samples": ranges.samples,
+           "tensors": tensors}
+    return json.dumps(doc, indent=1) + "\n"
