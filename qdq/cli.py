@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", type=Path, help="float ONNX model")
     q.add_argument("-o", "--output", type=Path, required=True, help="where to write the quantized model")
     add_data_args(q)
-    q.add_argument("--method", choices=METHODS, default="max", help="activation range method (default: max)")
+    add_method_args(q)
     q.add_argument("--weights", choices=WEIGHT_FORMATS, default="int8",
                    help="store quantized weights as int8 + DequantizeLinear (default, 4x smaller) or float + Q/DQ")
     q.add_argument("--per-tensor-weights", action="store_true",
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="source", type=Path, metavar="FILE", help="convert this range file instead")
     r.add_argument("--from-format", choices=FORMATS, help="the --from file's format (default: from its content)")
     add_data_args(r, evaluation=False)
-    r.add_argument("--method", choices=METHODS, default="max", help="activation range method (default: max)")
+    add_method_args(r)
     r.set_defaults(run=run_ranges)
     return parser
 
@@ -109,10 +109,29 @@ def add_data_args(parser: argparse.ArgumentParser, *, evaluation: bool = True) -
                        help="samples per run for a dynamic batch axis (default: the model's fixed batch, else 16)")
 
 
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration")
+    group.add_argument("--method", choices=METHODS, default="entropy",
+                       help="activation range method (default: entropy, as TensorRT's entropy calibrator)")
+    group.add_argument("--percentile", type=float, default=99.99, metavar="P",
+                       help="percentile of |x| for --method percentile (default: 99.99)")
+    group.add_argument("--num-bins", type=int, default=2048, metavar="N",
+                       help="histogram bins for entropy/percentile/mse (default: 2048)")
+    group.add_argument("--max-tensors-per-pass", type=int, metavar="N",
+                       help="observe at most N tensors per pass over the data (bounds memory on big models)")
+
+
+def method_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
+    try:
+        return QuantizeConfig(method=args.method, percentile=args.percentile, num_bins=args.num_bins,
+                              max_tensors_per_pass=args.max_tensors_per_pass, batch_size=args.batch_size, **extra)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     output = check_writable(args.output, not_same_as=args.model)  # fail before the long work
-    config = QuantizeConfig(method=args.method, batch_size=args.batch_size, weights=args.weights,
-                            per_channel=not args.per_tensor_weights)
+    config = method_config(args, weights=args.weights, per_channel=not args.per_tensor_weights)
     ranges = read_ranges(args.ranges, args.ranges_format) if args.ranges else None
     labels = load_labels(args.labels) if args.labels else None
     evaluation = args.eval or args.calib
@@ -120,7 +139,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         check_writable(args.save_ranges)
         format_for_path(args.save_ranges)
     result = quantize(args.model, args.calib, config=config, ranges=ranges, evaluation_data=evaluation,
-                      labels=labels)
+                      labels=labels, progress=not args.quiet)
     result.save(output)
     if args.save_ranges:
         result.ranges.save(args.save_ranges)
@@ -138,8 +157,7 @@ def run_ranges(args: argparse.Namespace) -> int:
         if args.model is None or not args.calib:
             raise UsageError("give MODEL and --calib DATA to calibrate, or --from FILE to convert")
         check_writable(args.output, not_same_as=args.model)
-        config = QuantizeConfig(method=args.method, batch_size=args.batch_size)
-        ranges = calibrate(args.model, args.calib, config=config)
+        ranges = calibrate(args.model, args.calib, config=method_config(args), progress=not args.quiet)
     write_ranges(ranges, args.output, fmt)
     print(f"wrote {len(ranges)} ranges to {args.output} ({fmt})")
     return 0

@@ -78,6 +78,7 @@ def quantize(
     ranges: TensorRanges | None = None,
     evaluation_data: DataLike | None = None,
     labels: np.ndarray | None = None,
+    progress: bool = False,
 ) -> QuantizeResult:
     """Quantize a float ONNX model to explicit INT8 Q/DQ for TensorRT.
 
@@ -89,6 +90,7 @@ def quantize(
         ranges: known amax per tensor; tensors it lacks are calibrated.
         evaluation_data: data to compare the float and quantized models on (same forms as calibration_data).
         labels: class labels for ``evaluation_data``, for accuracy.
+        progress: show a progress bar on stderr during calibration (only when it is a terminal).
 
     Raises:
         QdqError: with a message naming the file, tensor or node at fault.
@@ -106,7 +108,7 @@ def quantize(
         notes.append("nothing to quantize: the model has no Conv, ConvTranspose, Gemm or MatMul on float32 "
                      "tensors; the output is the prepared float model")
         log.warning("%s", notes[-1])
-    used = plan_ranges(prepared, plan.activation_names(), calibration, config, ranges, notes)
+    used = plan_ranges(prepared, plan.activation_names(), calibration, config, ranges, notes, progress=progress)
 
     quantized = MaterializeQDQ(plan, used, weights=config.weights).run(prepared).model
     report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(used), len(plan.weights()),
@@ -123,17 +125,18 @@ def calibrate(
     calibration_data: DataLike,
     *,
     config: QuantizeConfig | None = None,
+    progress: bool = False,
 ) -> TensorRanges:
     """The ranges ``quantize`` would use for ``model`` on this data, without inserting Q/DQ (for range files)."""
     config = config or QuantizeConfig()
     prepared, notes = prepare(load_model(model))
     calibration = open_data(calibration_data, input_specs(prepared), config.batch_size)
     plan = plan_quantization(prepared, per_channel=config.per_channel)
-    return plan_ranges(prepared, plan.activation_names(), calibration, config, None, notes)
+    return plan_ranges(prepared, plan.activation_names(), calibration, config, None, notes, progress=progress)
 
 
 def plan_ranges(model: onnx.ModelProto, needed: list[str], calibration: Dataset | None, config: QuantizeConfig,
-                given: TensorRanges | None, notes: list[str]) -> TensorRanges:
+                given: TensorRanges | None, notes: list[str], *, progress: bool = False) -> TensorRanges:
     """A range for every tensor in ``needed``: from ``given`` (directly or through copy ops), else calibrated."""
     known = given or TensorRanges({}, method=config.method)
     if given is not None:
@@ -147,7 +150,7 @@ def plan_ranges(model: onnx.ModelProto, needed: list[str], calibration: Dataset 
         if calibration is None:
             raise CalibrationError(f"{len(missing)} tensors to quantize have no range: "
                                    f"{describe_missing(missing, known)}; pass calibration data to calibrate them")
-        known = known.merged(collect_ranges(model, missing, calibration, method=config.method))
+        known = known.merged(collect_ranges(model, missing, calibration, config, progress=progress))
     return known.subset(needed)
 
 

@@ -24,7 +24,7 @@ def quantized():
             rng = np.random.default_rng(7)
             model = light_model(name, rng)
             data = {model.graph.input[0].name: rng.normal(0, 1, (3, 3, 224, 224)).astype(np.float32)}
-            cache[name] = (model, data, qdq.quantize(model, data))
+            cache[name] = (model, data, qdq.quantize(model, data, config=qdq.QuantizeConfig(method="max")))
         return cache[name]
 
     return get

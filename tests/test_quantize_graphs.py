@@ -100,7 +100,7 @@ def test_activation_scales_are_amax_over_127_from_ort(case, rng):
     text, shapes, _ = CASES[case]
     model = parse(text, rng)
     data = feeds_for(shapes, rng, n=4)
-    result = qdq.quantize(model, data, config=qdq.QuantizeConfig(batch_size=3))
+    result = qdq.quantize(model, data, config=qdq.QuantizeConfig(method="max", batch_size=3))
     out = result.model
     quantizers = nodes_by_op(out, "QuantizeLinear")
     assert quantizers, "at least one activation is quantized"
@@ -133,7 +133,7 @@ def test_quantized_output_close_to_float(case, rng):
 def test_two_activation_matmul_quantizes_both_operands_per_tensor(rng):
     model = parse(MATMUL_ACTIVATIONS)
     data = {"q": rng.normal(0, 1, (4, 6, 8)).astype(np.float32), "k": rng.normal(0, 2, (4, 8, 6)).astype(np.float32)}
-    out = qdq.quantize(model, data, config=qdq.QuantizeConfig(batch_size=2)).model
+    out = qdq.quantize(model, data, config=qdq.QuantizeConfig(method="max", batch_size=2)).model
     matmul, = nodes_by_op(out, "MatMul")
     for index, name in enumerate(("q", "k")):
         dq = dq_input(out, matmul, index)
@@ -198,9 +198,9 @@ def test_node_names_and_docs_read_well_in_netron(rng):
     names = [n.name for n in out.graph.node]
     assert len(names) == len(set(names)) and all(names)
     q, = nodes_by_op(out, "QuantizeLinear")
-    assert q.name == "x_QuantizeLinear" and "amax=" in q.doc_string and "(max)" in q.doc_string
+    assert q.name == "x_QuantizeLinear" and "amax=" in q.doc_string and "(entropy)" in q.doc_string
     meta = {p.key: p.value for p in out.metadata_props}
-    assert meta["qdq.version"] == qdq.__version__ and '"method":"max"' in meta["qdq.options"]
+    assert meta["qdq.version"] == qdq.__version__ and '"method":"entropy"' in meta["qdq.options"]
 
 
 def test_caller_model_is_not_modified(rng):

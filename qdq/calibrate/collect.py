@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
+import numpy as np
 import onnx
+from tqdm import tqdm
 
 from qdq.calibrate.data import Dataset
+from qdq.calibrate.histogram import Histogram
+from qdq.calibrate.methods import amax_entropy, amax_mse, amax_percentile
 from qdq.calibrate.stats import AbsMax
+from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, DataError
 from qdq.model_io import first_line
 from qdq.ranges import TensorRanges
@@ -16,42 +22,73 @@ from qdq.runtime import make_session, with_outputs
 
 log = logging.getLogger(__name__)
 
+Stat = AbsMax | Histogram
 
-def collect_ranges(model: onnx.ModelProto, names: list[str], data: Dataset, *, method: str = "max") -> TensorRanges:
-    """The amax of each tensor in ``names`` over all of ``data``.
 
-    A copy of the model exposes exactly those tensors as outputs; each batch's values are reduced into a
-    per-tensor statistic and dropped, so memory does not grow with the amount of data.
+def collect_ranges(model: onnx.ModelProto, names: list[str], data: Dataset, config: QuantizeConfig | None = None,
+                   *, progress: bool = False) -> TensorRanges:
+    """The amax of each tensor in ``names`` over all of ``data``, by ``config.method``.
+
+    A copy of the model exposes the tensors as outputs, at most ``config.max_tensors_per_pass`` at a time (more
+    tensors: more passes over the data). Each batch's values are reduced into a fixed-size statistic per tensor
+    and dropped, so memory does not grow with the amount of data.
     """
+    config = config or QuantizeConfig()
+    stats = {name: new_stat(config) for name in names}
+    passes = list(chunks(names, config.max_tensors_per_pass or max(len(names), 1)))
+    if len(passes) > 1 and not data.rereadable():
+        raise DataError(f"calibrating {len(names)} tensors in {len(passes)} passes needs data that can be read "
+                        "more than once (a file, a folder, a list); a one-shot iterator was given")
+    started = time.perf_counter()
+    samples = 0
+    for number, group in enumerate(passes, start=1):
+        label = "calibrating" if len(passes) == 1 else f"calibrating, pass {number}/{len(passes)}"
+        samples = observe(model, group, data, stats, label=label, progress=progress)
+    log.info("calibrated %d tensors (%s) on %d samples in %.1f s%s", len(names), config.method, samples,
+             time.perf_counter() - started, f", {len(passes)} passes" if len(passes) > 1 else "")
+    return TensorRanges(reduce_stats(stats, config, samples), method=config.method, samples=samples)
+
+
+def new_stat(config: QuantizeConfig) -> Stat:
+    return AbsMax() if config.method == "max" else Histogram(config.num_bins)
+
+
+def chunks(names: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(names), size):
+        yield names[start:start + size]
+
+
+def observe(model: onnx.ModelProto, names: list[str], data: Dataset, stats: dict[str, Stat], *, label: str,
+            progress: bool) -> int:
+    """One pass over the data, updating the statistics of ``names``; returns the number of samples seen."""
     graph_inputs = {i.name for i in model.graph.input}
     exposed = [n for n in names if n not in graph_inputs]
+    fed = [n for n in names if n in graph_inputs]
     # No graph optimisations: the ranges are those of exactly the graph's ops, the ops TensorRT will see.
     session = make_session(with_outputs(model, exposed), optimize=False,
                            what="the model prepared for calibration") if exposed else None
-    stats = {name: AbsMax() for name in names}
     samples = runs = 0
-    started = time.perf_counter()
-    for batch in data:
-        try:
-            values = session.run(exposed, batch.feeds) if session else []
-        except Exception as exc:  # ORT's InvalidArgument / Fail
-            raise DataError(f"ONNX Runtime failed on batch {runs + 1} of {data.name}: {first_line(exc)}") from exc
-        for name, value in zip(exposed, values, strict=True):
-            stats[name].update(value)
-        for name in names:
-            if name in graph_inputs:
+    bar = tqdm(total=data.runs(), desc=label, unit="batch", disable=None if progress else True, leave=False)
+    with bar:
+        for batch in data:
+            try:
+                values = session.run(exposed, batch.feeds) if session else []
+            except Exception as exc:  # ORT's InvalidArgument / Fail
+                raise DataError(f"ONNX Runtime failed on batch {runs + 1} of {data.name}: {first_line(exc)}") from exc
+            for name, value in zip(exposed, values, strict=True):
+                stats[name].update(value, owned=True)
+            for name in fed:
                 stats[name].update(batch.feeds[name])
-        samples += batch.samples
-        runs += 1
+            samples += batch.samples
+            runs += 1
+            bar.update()
     if runs == 0:
         raise DataError(f"{data.name}: no batches to calibrate with")
-    log.info("calibrated %d tensors on %d samples (%d runs) in %.1f s",
-             len(names), samples, runs, time.perf_counter() - started)
-    return TensorRanges(reduce_stats(stats, samples), method=method, samples=samples)
+    return samples
 
 
-def reduce_stats(stats: dict[str, AbsMax], samples: int) -> dict[str, float]:
-    """Each statistic's amax, with warnings for what deserves a look."""
+def reduce_stats(stats: dict[str, Stat], config: QuantizeConfig, samples: int) -> dict[str, float]:
+    """Each statistic's amax by the configured method, with warnings for what deserves a look."""
     amax = {}
     for name, stat in stats.items():
         if stat.nonfinite:
@@ -62,5 +99,17 @@ def reduce_stats(stats: dict[str, AbsMax], samples: int) -> dict[str, float]:
                 raise CalibrationError(f"tensor {name!r}: calibration saw no finite value; check the data, "
                                        "or exclude the node that reads it")
             log.warning("tensor %r was all zeros on %d samples; its scale uses the floor amax", name, samples)
-        amax[name] = stat.amax
+        amax[name] = float(np.float32(method_amax(stat, config)))
     return amax
+
+
+def method_amax(stat: Stat, config: QuantizeConfig) -> float:
+    if isinstance(stat, AbsMax):
+        return stat.amax
+    if config.method == "percentile":
+        return amax_percentile(stat, config.percentile)
+    if config.method == "entropy":
+        return amax_entropy(stat)
+    if config.method == "mse":
+        return amax_mse(stat)
+    return stat.amax

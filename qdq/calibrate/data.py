@@ -128,6 +128,9 @@ class FeedData:
     def runs(self) -> int | None:
         return len(self.feeds) if hasattr(self.feeds, "__len__") else None
 
+    def rereadable(self) -> bool:
+        return iter(self.feeds) is not self.feeds
+
     def __iter__(self) -> Iterator[Batch]:
         for i, feed in enumerate(self.feeds):
             if not isinstance(feed, Mapping):
@@ -150,6 +153,10 @@ class Dataset:
     def runs(self) -> int | None:
         counts = [p.runs() for p in self.parts]
         return None if None in counts else sum(c for c in counts if c is not None)
+
+    def rereadable(self) -> bool:
+        """Whether iterating again gives the same batches (false for a one-shot iterator of feeds)."""
+        return all(not isinstance(p, FeedData) or p.rereadable() for p in self.parts)
 
     def __iter__(self) -> Iterator[Batch]:
         for part in self.parts:

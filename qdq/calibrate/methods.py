@@ -1,0 +1,107 @@
+"""From a statistic to an amax: pure functions, one per calibration method (../specs/calibration.md)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qdq.calibrate.histogram import Histogram
+
+START_BIN = 128  # the first candidate threshold, in bins (TensorRT's entropy calibration)
+LEVELS = 128  # int8 levels on one side of zero
+
+
+def amax_percentile(hist: Histogram, percentile: float) -> float:
+    """The smallest bin edge below which at least ``percentile`` % of all |x| lie."""
+    if hist.total == 0 or hist.top == 0.0:
+        return hist.amax
+    cumulative = np.cumsum(hist.counts)
+    # How many values must lie below: ceil(p% of all), with slack for 0.999 * 5000 = 4995.000000000001.
+    needed = math.ceil(percentile / 100.0 * int(cumulative[-1]) - 1e-9)
+    k = int(np.searchsorted(cumulative, needed, side="left")) + 1
+    return min(float(hist.edges()[min(k, hist.num_bins)]), hist.amax)
+
+
+def amax_entropy(hist: Histogram) -> float:
+    """TensorRT's entropy calibration: the threshold whose 128-level quantization loses the least information.
+
+    For each candidate ``i`` (bins 128 to ``num_bins``): P is the first ``i`` bins with every count beyond added
+    to bin ``i-1``; Q splits the first ``i`` bins (without the outliers) evenly into 128 groups (bin ``b`` in
+    group ``floor(128·b/i)``) and spreads each group's count over its non-empty bins. The chosen ``i`` minimises
+    KL(P‖Q) (the largest ``i`` among equals); amax is its upper edge.
+
+    Choices where published versions differ: bin 0's count is replaced by bin 1's, as in pytorch-quantization,
+    so the zeros after a ReLU do not dominate; and when bin ``i-1`` is empty but receives outliers, Q gets a
+    pseudo-count of one sample there instead of 0 (smoothing, as ncnn and MXNet do with an epsilon): otherwise
+    KL is infinite for every threshold in a gap between the bulk and a few far outliers, and the threshold lands
+    on an outlier. A threshold with fewer than two non-empty bins below it is never chosen: P and Q would both be
+    one spike, with KL 0 however much is clipped (seen on 4-bit pixel data). Computed in closed form from prefix sums, all candidates at once: O(candidates × 128).
+    """
+    if hist.top == 0.0:
+        return hist.amax
+    counts = hist.counts.astype(np.float64)
+    counts[0] = counts[1]
+    divergence = kl_divergences(counts)
+    best = len(divergence) - 1 - int(np.argmin(divergence[::-1]))
+    return min(float(hist.edges()[START_BIN + best]), hist.amax)
+
+
+def xlogx(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)
+
+
+def kl_divergences(counts: np.ndarray, start: int = START_BIN, levels: int = LEVELS) -> np.ndarray:
+    """KL(P‖Q) for every candidate ``i`` in ``[start, len(counts)]`` (see :func:`amax_entropy`).
+
+    With T the total count and S the total of Q's counts: KL = (1/T)·Σ_b P_b·log(P_b / Q_b) + log(S / T). Per
+    group g (sum G_g over n_g non-empty bins) Σ_{b∈g} c_b·log(c_b / Q_b) = Σ c_b·log c_b − G_g·log(G_g / n_g),
+    all from prefix sums of c, [c > 0] and c·log c; then bin i-1's term is redone with the outliers added.
+    """
+    n = len(counts)
+    total = counts.sum()
+    candidates = np.arange(start, n + 1)
+    prefix = np.concatenate([[0.0], np.cumsum(counts)])
+    nonzero = np.concatenate([[0], np.cumsum(counts > 0)])
+    prefix_xlogx = np.concatenate([[0.0], np.cumsum(xlogx(counts))])
+
+    # Group g of candidate i holds bins [ceil(g·i/128), ceil((g+1)·i/128)); bin i-1 is in the last group.
+    bounds = (np.arange(levels + 1)[None, :] * candidates[:, None] + levels - 1) // levels
+    group_sum = np.diff(prefix[bounds], axis=1)
+    group_nonzero = np.diff(nonzero[bounds], axis=1)
+    group_xlogx = np.diff(prefix_xlogx[bounds], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.where(group_sum > 0, group_sum / np.maximum(group_nonzero, 1), 1.0)  # Q_b of a non-empty bin
+    body = (group_xlogx - group_sum * np.log(level)).sum(axis=1)
+
+    last = counts[candidates - 1]
+    outliers = total - prefix[candidates]
+    pseudo = (last == 0) & (outliers > 0)
+    q_last = np.where(pseudo, 1.0, level[:, -1])
+    p_last = last + outliers
+    body += xlogx(p_last) - p_last * np.log(q_last) - (xlogx(last) - last * np.log(q_last))
+    inside = prefix[candidates]
+    with np.errstate(divide="ignore"):
+        kl = body / total + np.log((inside + pseudo) / total)
+    # With fewer than two non-empty bins below the threshold, P and Q are both one spike and KL is 0 whatever is
+    # clipped (discrete data such as 8-bit pixels): such a threshold is never a candidate.
+    return np.where(nonzero[candidates] >= 2, kl, np.inf)
+
+
+def amax_mse(hist: Histogram, start: int = START_BIN) -> float:
+    """The bin edge (from bin 128 on) whose quantize→dequantize of the bin centres has the least squared error."""
+    if hist.top == 0.0:
+        return hist.amax
+    edges = hist.edges()
+    used = np.flatnonzero(hist.counts)
+    centres = (edges[used] + edges[used + 1]) / 2
+    weights = hist.counts[used].astype(np.float64)
+    candidates = edges[start:]
+    errors = np.empty(len(candidates))
+    for lo in range(0, len(candidates), 256):  # blocks keep the candidates × bins matrix small
+        amax = candidates[lo:lo + 256, None]
+        scale = amax / 127.0
+        dequantized = np.minimum(np.rint(centres[None, :] / scale), 127.0) * scale
+        errors[lo:lo + 256] = ((dequantized - centres[None, :]) ** 2 * weights[None, :]).sum(axis=1)
+    return min(float(candidates[int(np.argmin(errors))]), hist.amax)

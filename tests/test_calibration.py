@@ -1,0 +1,181 @@
+"""Calibration methods on streaming histograms: known answers, exactness, and independence from batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import DIGITS, parse
+
+import qdq
+from qdq.calibrate.collect import collect_ranges
+from qdq.calibrate.data import input_specs, open_data
+from qdq.calibrate.histogram import Histogram
+from qdq.calibrate.methods import amax_entropy, amax_mse, amax_percentile, kl_divergences
+from qdq.cli import main
+from qdq.config import QuantizeConfig
+from qdq.errors import DataError
+from qdq.placement import plan_quantization
+from qdq.quantize import prepare
+
+
+def histogram(x: np.ndarray, bins: int = 2048) -> Histogram:
+    h = Histogram(bins)
+    h.update(np.asarray(x, dtype=np.float32))
+    return h
+
+
+def gaussian_with_outliers(rng, n: int = 200_000) -> np.ndarray:
+    x = rng.normal(0, 1, n).astype(np.float32)
+    x[:4] = [60.0, -70.0, 80.0, -90.0]
+    return x
+
+
+def test_max_keeps_the_outlier_and_the_others_clip_well_below_it(rng):
+    h = histogram(gaussian_with_outliers(rng, 1_000_000))
+    assert h.amax == 90.0
+    assert amax_percentile(h, 99.99) < 5.0
+    assert amax_entropy(h) < 10.0, "entropy clips in the gap between the bulk and the outliers"
+    # MSE weighs the four outliers' clipping error against the bulk's rounding error: it clips, less deeply.
+    assert amax_mse(h) < 0.5 * 90.0
+
+
+def test_percentile_matches_numpy_within_one_bin(rng):
+    x = rng.standard_t(3, 5000).astype(np.float32)
+    h = histogram(x)
+    width = h.top / h.num_bins
+    for p in (50.0, 99.0, 99.9, 99.99, 100.0):
+        amax = amax_percentile(h, p)
+        # The smallest |x| with p% of the data at or below it (numpy's inverted_cdf without its rounding of
+        # p·n), then up to the upper edge of its bin.
+        exact = np.sort(np.abs(x))[int(np.ceil(p / 100 * len(x) - 1e-9)) - 1]
+        assert exact <= amax <= exact + width + 1e-6, p
+        assert np.mean(np.abs(x) <= amax) >= p / 100 - 1e-12, f"at least {p}% of |x| lie below the amax"
+
+
+def test_uniform_data_is_not_clipped(rng):
+    h = histogram(rng.uniform(-1, 1, 500_000))
+    assert amax_entropy(h) > 0.95 and amax_mse(h) > 0.95 and amax_percentile(h, 99.99) > 0.99
+
+
+def test_entropy_does_not_collapse_on_discrete_pixels(rng):
+    pixels = rng.integers(0, 17, 100_000) / 16.0  # 4-bit images, as the digits sample
+    pixels[rng.random(100_000) < 0.6] = 0.0
+    assert amax_entropy(histogram(pixels)) == 1.0
+
+
+def reference_kl(counts: np.ndarray, start: int = 128, levels: int = 128) -> np.ndarray:
+    """TensorRT's algorithm as a plain loop over candidates, with qdq's documented choices."""
+    out = []
+    for i in range(start, len(counts) + 1):
+        p = counts[:i].astype(np.float64)
+        p[-1] += counts[i:].sum()
+        source = counts[:i]
+        group = np.arange(i) * levels // i
+        q = np.zeros(i)
+        for g in range(levels):
+            members = (group == g) & (source > 0)
+            if members.any():
+                q[members] = source[group == g].sum() / members.sum()
+        if (source > 0).sum() < 2:
+            out.append(np.inf)
+            continue
+        if p[-1] > 0 and q[-1] == 0:
+            q[-1] = 1.0  # the pseudo-count
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        out.append(float(np.sum(p[mask] * np.log(p[mask] / q[mask]))))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("shape", ["gaussian+outliers", "relu", "exponential", "sparse"])
+def test_closed_form_kl_equals_the_reference_loop(shape, rng):
+    x = {"gaussian+outliers": lambda: gaussian_with_outliers(rng, 50_000),
+         "relu": lambda: np.maximum(rng.normal(0, 1, 50_000), 0),
+         "exponential": lambda: rng.exponential(1.0, 50_000),
+         "sparse": lambda: rng.integers(0, 40, 5_000) * 0.5}[shape]()
+    counts = histogram(x, bins=512).counts.astype(np.float64)
+    counts[0] = counts[1]
+    np.testing.assert_allclose(kl_divergences(counts), reference_kl(counts), rtol=1e-9, atol=1e-12)
+
+
+def test_rebinning_keeps_counts_and_equals_a_direct_histogram(rng):
+    small, large = rng.normal(0, 0.1, 10_000), rng.normal(0, 30, 10_000)
+    h = histogram(small)
+    first_top = h.top
+    h.update(large.astype(np.float32))
+    assert h.top > first_top and h.total == 20_000
+    np.testing.assert_array_equal(h.counts, histogram(np.concatenate([small, large])).counts)
+
+
+def test_merge_equals_collecting_both_at_once(rng):
+    a, b = rng.normal(0, 1, 30_000), rng.laplace(0, 4, 20_000)
+    merged = histogram(a).merge(histogram(b))
+    both = histogram(np.concatenate([a, b]))
+    assert merged.top == both.top and merged.amax == both.amax
+    np.testing.assert_array_equal(merged.counts, both.counts)
+
+
+def test_all_zero_tensor_has_zero_amax_and_a_warning(rng):
+    h = histogram(np.zeros(100))
+    assert h.amax == 0.0 and amax_entropy(h) == 0.0 and amax_percentile(h, 99.9) == 0.0 and amax_mse(h) == 0.0
+
+
+def digits_ranges(method: str, batch_size: int | None = None, **options) -> qdq.TensorRanges:
+    return qdq.calibrate(DIGITS / "digits.onnx", DIGITS / "calib.npz",
+                         config=QuantizeConfig(method=method, batch_size=batch_size, **options))
+
+
+@pytest.mark.parametrize("method", ["max", "entropy", "percentile", "mse"])
+def test_same_samples_in_other_batch_sizes_give_the_same_ranges(method, rng):
+    # The statistic of a graph input sees exactly the fed values: equal to the bit.
+    model = parse('<ir_version: 8, opset_import: ["" : 13]> g (float[N, 4] x) => (float[N, 3] y) '
+                  "<float[4, 3] w = {0.0}> { y = MatMul (x, w) }", rng)
+    x = gaussian_with_outliers(rng, 40_000).reshape(-1, 4)
+    amax = {b: qdq.calibrate(model, {"x": x}, config=QuantizeConfig(method=method, batch_size=b)).amax["x"]
+            for b in (1, 7, 1000, 10_000)}
+    assert len(set(amax.values())) == 1, amax
+
+
+@pytest.mark.parametrize("method", ["max", "entropy", "percentile", "mse"])
+def test_same_digits_in_other_batch_sizes_give_the_same_ranges(method):
+    reference = digits_ranges(method, batch_size=128)
+    for batch_size in (1, 7, 32):
+        got = digits_ranges(method, batch_size=batch_size).amax
+        # ONNX Runtime's convolutions round differently at other batch sizes (last-bit differences in the
+        # activations); the reduction itself is exact, as the test above shows.
+        for name in reference.amax:
+            assert got[name] == pytest.approx(reference.amax[name], rel=1e-6), (batch_size, name)
+
+
+@pytest.mark.parametrize("method", ["max", "entropy"])
+def test_several_passes_equal_one_pass(method):
+    assert digits_ranges(method, max_tensors_per_pass=2).amax == digits_ranges(method).amax
+
+
+def test_several_passes_need_rereadable_data(rng):
+    model, _ = prepare(qdq.model_io.load_model(DIGITS / "digits.onnx"))
+    names = plan_quantization(model).activation_names()
+    images = np.load(DIGITS / "calib.npz")["image"]
+    one_shot = open_data(({"image": images[i:i + 8]} for i in range(0, 64, 8)), input_specs(model))
+    with pytest.raises(DataError, match="more than once"):
+        collect_ranges(model, names, one_shot, QuantizeConfig(max_tensors_per_pass=3))
+
+
+def test_calibration_does_not_touch_the_callers_arrays(rng):
+    model = parse('<ir_version: 8, opset_import: ["" : 13]> g (float[N, 4] x) => (float[N, 3] y) '
+                  "<float[4, 3] w = {0.0}> { y = MatMul (x, w) }", rng)
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    before = x.copy()
+    for method in ("entropy", "max"):
+        qdq.quantize(model, {"x": x}, config=QuantizeConfig(method=method))
+        np.testing.assert_array_equal(x, before)
+
+
+def test_cli_method_options(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["ranges", str(DIGITS / "digits.onnx"), "--calib", str(DIGITS / "calib.npz"), "-o", str(out),
+                 "--method", "percentile", "--percentile", "99.9", "--num-bins", "1024"]) == 0
+    assert '"method": "percentile"' in out.read_text()
+    assert main(["ranges", str(DIGITS / "digits.onnx"), "--calib", str(DIGITS / "calib.npz"), "-o", str(out),
+                 "--method", "percentile", "--percentile", "120"]) == 2
+    assert "percentile must be in (0, 100]" in capsys.readouterr().err
