@@ -36,7 +36,8 @@ def amax_entropy(hist: Histogram) -> float:
     pseudo-count of one sample there instead of 0 (smoothing, as ncnn and MXNet do with an epsilon): otherwise
     KL is infinite for every threshold in a gap between the bulk and a few far outliers, and the threshold lands
     on an outlier. A threshold with fewer than two non-empty bins below it is never chosen: P and Q would both be
-    one spike, with KL 0 however much is clipped (seen on 4-bit pixel data). Computed in closed form from prefix sums, all candidates at once: O(candidates × 128).
+    one spike, with KL 0 however much is clipped (seen on 4-bit pixel data).
+    Computed in closed form from prefix sums, all candidates at once: O(candidates × 128).
     """
     if hist.top == 0.0:
         return hist.amax
