@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx.external_data_helper import load_external_data_for_model
 
 from qdq.errors import ModelError, OutputError
@@ -19,7 +19,6 @@ from qdq.errors import ModelError, OutputError
 log = logging.getLogger(__name__)
 
 # Protobuf cannot serialise a message of 2 GiB or more; above this size weights go to an external data file.
-PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
@@ -50,11 +49,20 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelPr
     if not model.graph.node:
         raise ModelError(f"{where}: the graph has no nodes (is this an ONNX model?)")
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
+        check_in_memory(model, full=False)
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"{where}: invalid ONNX model: {first_line(exc)}") from exc
     return model
+
+
+def check_in_memory(model: onnx.ModelProto, *, full: bool) -> None:
+    """``onnx.checker`` on a model in memory; one of 2 GB or more is checked when it is saved, by path."""
+    try:
+        onnx.checker.check_model(model, full_check=full)
+    except (EncodeError, ValueError) as exc:  # protobuf cannot serialise 2 GB or more
+        if isinstance(exc, ValueError) and "2GB" not in str(exc):
+            raise
+        log.info("the model is over 2 GB: it is checked by path when written")
 
 
 def check_writable(path: str | os.PathLike[str], *, not_same_as: str | os.PathLike[str] | None = None) -> Path:

@@ -20,7 +20,7 @@ from qdq.calibrate.data import DataLike, Dataset, input_specs, open_data
 from qdq.compare import Comparison, compare_models
 from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, OutputError
-from qdq.model_io import PROTOBUF_LIMIT, first_line, load_model, save_model
+from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.passes.base import run_passes
 from qdq.passes.fold_constants import FoldConstants
 from qdq.passes.materialize import MaterializeQDQ
@@ -180,8 +180,7 @@ def stamp_metadata(model: onnx.ModelProto, config: QuantizeConfig, report: Repor
 def check_quantized(model: onnx.ModelProto) -> None:
     """The output must pass ONNX's full check and load in ONNX Runtime; anything else is qdq's bug."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model, full_check=True)
+        check_in_memory(model, full=True)
     except onnx.checker.ValidationError as exc:
         raise OutputError(f"the quantized model fails the ONNX checker: {first_line(exc)}") from exc
     make_session(model, what="the quantized model")

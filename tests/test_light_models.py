@@ -62,7 +62,9 @@ def test_scales_match_ort_amax_and_output_is_close(name, quantized):
         amax = np.maximum(amax, [np.abs(values[n]).max() for n in names])
     for q, a in zip(quantizers, amax, strict=True):
         scale = onnx.numpy_helper.to_array(next(i for i in out.graph.initializer if i.name == q.input[1]))
-        assert scale == np.float32(a / QMAX), f"{q.name}: scale {scale} for amax {a}"
+        # qdq calibrates with ORT's fusions (Conv+BatchNorm+Relu), the oracle runs the plain graph: the two
+        # differ by float rounding only.
+        assert scale == pytest.approx(a / QMAX, rel=1e-5), f"{q.name}: scale {scale} for amax {a}"
 
     # The last weighted layer's output, before Softmax saturates: random weights make logits in the thousands.
     last = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")][-1].output[0]

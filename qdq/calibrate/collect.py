@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, DataError
 from qdq.model_io import first_line
 from qdq.ranges import TensorRanges
-from qdq.runtime import make_session, with_outputs
+from qdq.runtime import session_exposing
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +65,38 @@ def observe(model: onnx.ModelProto, names: list[str], data: Dataset, stats: dict
     graph_inputs = {i.name for i in model.graph.input}
     exposed = [n for n in names if n not in graph_inputs]
     fed = [n for n in names if n in graph_inputs]
-    # No graph optimisations: the ranges are those of exactly the graph's ops, the ops TensorRT will see.
-    session = make_session(with_outputs(model, exposed), optimize=False,
-                           what="the model prepared for calibration") if exposed else None
+    # With ORT's optimisations: fused kernels (Conv+BatchNorm+Relu, as TensorRT fuses them) run about twice as
+    # fast and differ from the graph's unfused ops only by float rounding.
+    session = session_exposing(model, exposed, what="the model prepared for calibration") if exposed else None
     samples = runs = 0
     bar = tqdm(total=data.runs(), desc=label, unit="batch", disable=None if progress else True, leave=False)
-    with bar:
+    # Statistics of batch n are reduced on a worker thread while ORT computes batch n+1 (both release the GIL),
+    # so at most two batches of exposed outputs are alive at once.
+    with bar, ThreadPoolExecutor(max_workers=1) as worker:
+        pending = None
         for batch in data:
             try:
                 values = session.run(exposed, batch.feeds) if session else []
             except Exception as exc:  # ORT's InvalidArgument / Fail
                 raise DataError(f"ONNX Runtime failed on batch {runs + 1} of {data.name}: {first_line(exc)}") from exc
-            for name, value in zip(exposed, values, strict=True):
-                stats[name].update(value, owned=True)
-            for name in fed:
-                stats[name].update(batch.feeds[name])
+            if pending is not None:
+                pending.result()
+            updates = [(stats[name], value, True) for name, value in zip(exposed, values, strict=True)]
+            updates += [(stats[name], batch.feeds[name], False) for name in fed]
+            pending = worker.submit(update_all, updates)
             samples += batch.samples
             runs += 1
             bar.update()
+        if pending is not None:
+            pending.result()
     if runs == 0:
         raise DataError(f"{data.name}: no batches to calibrate with")
     return samples
+
+
+def update_all(updates: list[tuple[Stat, np.ndarray, bool]]) -> None:
+    for stat, value, owned in updates:
+        stat.update(value, owned=owned)
 
 
 def reduce_stats(stats: dict[str, Stat], config: QuantizeConfig, samples: int) -> dict[str, float]:

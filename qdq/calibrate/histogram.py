@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+BLOCK = 1 << 16
+
 
 class Histogram:
     """Counts of |x| in ``num_bins`` equal bins over ``[0, top]``, plus the running absmax and non-finite count."""
@@ -52,12 +54,19 @@ class Histogram:
             self.counts[0] += x.size
             return
         self._grow(self.amax)
-        magnitude = np.abs(x, out=x if owned and x.flags.writeable else None)
         # bins / top is a power of two, so the product is exact and bin membership is the same at any resolution.
-        np.multiply(magnitude, np.float32(self.num_bins / self.top), out=magnitude)
-        index = magnitude.astype(np.int32)
-        np.minimum(index, self.num_bins - 1, out=index)
-        self.counts += np.bincount(index, minlength=self.num_bins)
+        # Blocks keep the int64 bin indices in cache: bincount is the cost, and it is twice as fast there.
+        factor = np.float32(self.num_bins / self.top)
+        index = np.empty(min(x.size, BLOCK), dtype=np.intp)
+        counts = np.zeros(self.num_bins + 1, dtype=np.int64)  # the extra bin holds |x| == top exactly
+        for start in range(0, x.size, BLOCK):
+            part = x[start:start + BLOCK]
+            scaled = np.abs(part, out=part if owned else None) if lo < 0 else (part if owned else part.copy())
+            np.multiply(scaled, factor, out=scaled)
+            np.copyto(index[:len(scaled)], scaled, casting="unsafe")
+            counts += np.bincount(index[:len(scaled)], minlength=self.num_bins + 1)
+        counts[-2] += counts[-1]
+        self.counts += counts[:-1]
 
     def merge(self, other: Histogram) -> Histogram:
         """The histogram of both data sets together."""

@@ -45,7 +45,7 @@ def refuse_quantized(graph: gs.Graph) -> None:
 
 
 def is_constant_float32(tensor: gs.Constant) -> bool:
-    return tensor.values.dtype == "float32"
+    return tensor.dtype == "float32"  # LazyValues know their dtype without loading the weight
 
 
 def learn_float32(model: onnx.ModelProto, graph: gs.Graph):

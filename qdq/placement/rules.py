@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from qdq.graph import is_constant
@@ -47,7 +46,7 @@ def quantize_weighted_op(node: gs.Node, ctx: PlanContext) -> Decision | None:
     inputs = []
     for slot, tensor in zip(slots, operands, strict=True):
         if is_constant(tensor):
-            axis = weight_axis(node, slot, tensor.values) if ctx.per_channel else None
+            axis = weight_axis(node, slot, len(tensor.shape)) if ctx.per_channel else None
             inputs.append(QuantInput(tensor.name, slot, "weight", axis))
         else:
             inputs.append(QuantInput(tensor.name, slot, "activation"))
@@ -61,7 +60,7 @@ def keep_float(node: gs.Node, ctx: PlanContext) -> Decision:
                     reason="not a quantized op type by default")
 
 
-def weight_axis(node: gs.Node, slot: int, values: np.ndarray) -> int | None:
+def weight_axis(node: gs.Node, slot: int, rank: int) -> int | None:
     """The output-channel axis of a constant weight (TensorRT's per-channel rule), or None for per tensor."""
     if node.op == "Conv" and slot == 1:
         return 0
@@ -70,8 +69,8 @@ def weight_axis(node: gs.Node, slot: int, values: np.ndarray) -> int | None:
         return 1 if int(node.attrs.get("group", 1)) == 1 else None
     if node.op == "Gemm" and slot == 1:
         return 0 if int(node.attrs.get("transB", 0)) else 1
-    if node.op == "MatMul" and slot == 1 and values.ndim >= 2:
-        return values.ndim - 1
+    if node.op == "MatMul" and slot == 1 and rank >= 2:
+        return rank - 1
     return None  # a constant first operand (A) of Gemm/MatMul has no output-channel axis
 
 
