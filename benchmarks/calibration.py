@@ -36,7 +36,9 @@ def resnet50() -> onnx.ModelProto:
 
     model = light_model("resnet50", np.random.default_rng(0))
     for value in (model.graph.input[0], model.graph.output[0]):
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_param = "batch"
     for init in model.graph.initializer:
         if init.name == "OC2_DUMMY_1":  # the Reshape before the classifier: [1, 2048] -> [-1, 2048]
             init.CopyFrom(onnx.numpy_helper.from_array(np.array([-1, 2048], np.int64), init.name))
@@ -67,6 +69,10 @@ def prepare_files(name: str, samples: int) -> tuple[Path, Path]:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent at exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -79,7 +85,9 @@ def run_one(mode: str, model_path: Path, data_path: Path) -> dict:
         from qdq.calibrate.data import input_specs, open_data
 
         model = onnx.load(str(model_path))
-        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         for batch in open_data(data_path, input_specs(model), BATCH):
             session.run(None, batch.feeds)
     elif mode.startswith("qdq-"):

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 bad input or a failed check (one line on stderr), 2 usa
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
@@ -18,7 +19,7 @@ from qdq.compare import Comparison, load_labels
 from qdq.config import METHODS, WEIGHT_FORMATS, QuantizeConfig
 from qdq.errors import QdqError
 from qdq.model_io import check_writable
-from qdq.quantize import QuantizeResult, calibrate, quantize
+from qdq.quantize import QuantizeResult, calibrate, explain, quantize
 from qdq.range_files import FORMATS, format_for_path, read_ranges, write_ranges
 
 log = logging.getLogger("qdq")
@@ -73,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(q)
     q.add_argument("--weights", choices=WEIGHT_FORMATS, default="int8",
                    help="store quantized weights as int8 + DequantizeLinear (default, 4x smaller) or float + Q/DQ")
-    q.add_argument("--per-tensor-weights", action="store_true",
-                   help="one scale per weight tensor instead of one per output channel")
+    add_placement_args(q)
+    q.add_argument("--explain", action="store_true", help="print each node's placement decision and reason")
     q.add_argument("--ranges", type=Path, metavar="FILE",
                    help="known ranges: name:amax text, TensorRT calibration cache or qdq JSON; tensors it lacks "
                         "are calibrated with --calib")
@@ -82,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--save-ranges", type=Path, metavar="FILE",
                    help="also write the ranges used (.txt, .cache or .json)")
     q.set_defaults(run=run_quantize)
+
+    e = commands.add_parser("explain", parents=[common], help="show where Q/DQ would go, and why",
+                            description="Print, for each node of the prepared model, whether it would be quantized "
+                                        "and the rule and reason that decided. Needs no data.")
+    e.add_argument("model", type=Path, help="float ONNX model")
+    add_placement_args(e)
+    e.add_argument("--json", action="store_true", help="print the plan as JSON")
+    e.set_defaults(run=run_explain)
 
     r = commands.add_parser("ranges", parents=[common], help="collect ranges, or convert a range file",
                             description="Calibrate a model and write its ranges, or convert a range file between "
@@ -109,6 +118,18 @@ def add_data_args(parser: argparse.ArgumentParser, *, evaluation: bool = True) -
                        help="samples per run for a dynamic batch axis (default: the model's fixed batch, else 16)")
 
 
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("placement")
+    group.add_argument("--exclude-nodes", nargs="+", default=[], metavar="REGEX",
+                       help="keep nodes whose name matches a regular expression in float")
+    group.add_argument("--exclude-op-types", nargs="+", default=[], metavar="OP",
+                       help="keep these op types in float (e.g. MatMul)")
+    group.add_argument("--include-op-types", nargs="+", default=[], metavar="OP",
+                       help="also quantize these op types (e.g. Add Mul Resize)")
+    group.add_argument("--per-tensor-weights", action="store_true",
+                       help="one scale per weight tensor instead of one per output channel")
+
+
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
     group.add_argument("--method", choices=METHODS, default="entropy",
@@ -121,17 +142,22 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                        help="observe at most N tensors per pass over the data (bounds memory on big models)")
 
 
-def method_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
+def make_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
+    """The QuantizeConfig of whichever option groups this command has."""
+    options = {name: getattr(args, name) for name in ("method", "percentile", "num_bins", "max_tensors_per_pass",
+                                                      "batch_size", "exclude_nodes", "exclude_op_types",
+                                                      "include_op_types") if hasattr(args, name)}
+    if hasattr(args, "per_tensor_weights"):
+        options["per_channel"] = not args.per_tensor_weights
     try:
-        return QuantizeConfig(method=args.method, percentile=args.percentile, num_bins=args.num_bins,
-                              max_tensors_per_pass=args.max_tensors_per_pass, batch_size=args.batch_size, **extra)
+        return QuantizeConfig(**options, **extra)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     output = check_writable(args.output, not_same_as=args.model)  # fail before the long work
-    config = method_config(args, weights=args.weights, per_channel=not args.per_tensor_weights)
+    config = make_config(args, weights=args.weights)
     ranges = read_ranges(args.ranges, args.ranges_format) if args.ranges else None
     labels = load_labels(args.labels) if args.labels else None
     evaluation = args.eval or args.calib
@@ -140,10 +166,22 @@ def run_quantize(args: argparse.Namespace) -> int:
         format_for_path(args.save_ranges)
     result = quantize(args.model, args.calib, config=config, ranges=ranges, evaluation_data=evaluation,
                       labels=labels, progress=not args.quiet)
+    if args.explain:
+        print(result.plan.explain())
     result.save(output)
     if args.save_ranges:
         result.ranges.save(args.save_ranges)
     print_summary(result, output, evaluation)
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    plan = explain(args.model, config=make_config(args))
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.explain())
+    if not args.json:
+        quantized = plan.quantized_nodes()
+        print(f"{len(quantized)} of {len(plan.decisions)} nodes quantized, {len(plan.activation_names())} "
+              f"activations and {len(plan.weights())} weights with Q/DQ")
     return 0
 
 
@@ -157,7 +195,7 @@ def run_ranges(args: argparse.Namespace) -> int:
         if args.model is None or not args.calib:
             raise UsageError("give MODEL and --calib DATA to calibrate, or --from FILE to convert")
         check_writable(args.output, not_same_as=args.model)
-        ranges = calibrate(args.model, args.calib, config=method_config(args), progress=not args.quiet)
+        ranges = calibrate(args.model, args.calib, config=make_config(args), progress=not args.quiet)
     write_ranges(ranges, args.output, fmt)
     print(f"wrote {len(ranges)} ranges to {args.output} ({fmt})")
     return 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import Literal
+
+from qdq.placement.planner import PlacementOptions
 
 WeightFormat = Literal["int8", "float"]
 WEIGHT_FORMATS: tuple[str, ...] = ("int8", "float")
@@ -32,6 +35,10 @@ class QuantizeConfig:
             (4x smaller file); ``float`` keeps the float weight behind a QuantizeLinear/DequantizeLinear pair.
             TensorRT accepts both and builds the same engine.
         per_channel: one weight scale per output channel (TensorRT's recommendation) instead of one per tensor.
+        exclude_nodes: regular expressions; nodes whose name matches one (``re.search``) stay float.
+        exclude_op_types: op types that stay float.
+        include_op_types: op types to quantize besides the defaults (e.g. ``Add``, ``Mul``, ``Resize``): their
+            float activation inputs get Q/DQ, except in normalisation/GELU/Softmax regions and masks.
     """
 
     method: str = "entropy"
@@ -41,8 +48,21 @@ class QuantizeConfig:
     batch_size: int | None = None
     weights: WeightFormat = "int8"
     per_channel: bool = True
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    include_op_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for field in ("exclude_nodes", "exclude_op_types", "include_op_types"):
+            value = getattr(self, field)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{field} must be a sequence of strings, got {value!r}")
+            object.__setattr__(self, field, tuple(value))
+        for pattern in self.exclude_nodes:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"exclude_nodes: {pattern!r} is not a regular expression ({exc})") from None
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
@@ -56,6 +76,10 @@ class QuantizeConfig:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+
+    def placement(self) -> PlacementOptions:
+        return PlacementOptions(per_channel=self.per_channel, exclude_nodes=self.exclude_nodes,
+                                exclude_op_types=self.exclude_op_types, include_op_types=self.include_op_types)
 
     def to_json(self) -> str:
         """The options as compact, key-sorted JSON (recorded in the output model's metadata)."""

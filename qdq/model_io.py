@@ -49,7 +49,10 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelPr
     if not model.graph.node:
         raise ModelError(f"{where}: the graph has no nodes (is this an ONNX model?)")
     try:
-        check_in_memory(model, full=False)
+        if isinstance(source, onnx.ModelProto):
+            check_in_memory(model, full=False)
+        else:
+            onnx.checker.check_model(str(source))  # by path: no Python-side serialisation of the weights
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"{where}: invalid ONNX model: {first_line(exc)}") from exc
     return model

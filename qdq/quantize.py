@@ -22,7 +22,9 @@ from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, OutputError
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.passes.base import run_passes
+from qdq.passes.fold_batchnorm import FoldBatchNorm
 from qdq.passes.fold_constants import FoldConstants
+from qdq.passes.identities import RemoveIdentities
 from qdq.passes.materialize import MaterializeQDQ
 from qdq.passes.names import NameNodes
 from qdq.passes.opset import UpgradeOpset
@@ -66,8 +68,12 @@ class QuantizeResult:
 
 
 def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """Opset ≥ 13, constants folded, shapes inferred, every node named: the graph placement sees."""
-    return run_passes(model, [UpgradeOpset(), FoldConstants(), InferShapes(), NameNodes()])
+    """Opset ≥ 13, constants folded, Identity/Dropout removed, BatchNorm folded, shapes inferred, nodes named.
+
+    This is the graph placement sees and the output is built from.
+    """
+    return run_passes(model, [UpgradeOpset(), FoldConstants(), RemoveIdentities(), FoldBatchNorm(), InferShapes(),
+                              NameNodes()])
 
 
 def quantize(
@@ -103,12 +109,14 @@ def quantize(
     calibration = None if calibration_data is None else open_data(calibration_data, specs, config.batch_size)
     evaluation = None if evaluation_data is None else open_data(evaluation_data, specs, config.batch_size)
 
-    plan = plan_quantization(prepared, per_channel=config.per_channel)
+    plan = plan_quantization(prepared, config.placement())
     if not plan:
         notes.append("nothing to quantize: the model has no Conv, ConvTranspose, Gemm or MatMul on float32 "
                      "tensors; the output is the prepared float model")
         log.warning("%s", notes[-1])
-    used = plan_ranges(prepared, plan.activation_names(), calibration, config, ranges, notes, progress=progress)
+    if ranges is not None:
+        warn_unknown_names(ranges, source)
+    used = plan_ranges(prepared, plan, calibration, config, ranges, notes, progress=progress)
 
     quantized = MaterializeQDQ(plan, used, weights=config.weights).run(prepared).model
     report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(used), len(plan.weights()),
@@ -131,19 +139,26 @@ def calibrate(
     config = config or QuantizeConfig()
     prepared, notes = prepare(load_model(model))
     calibration = open_data(calibration_data, input_specs(prepared), config.batch_size)
-    plan = plan_quantization(prepared, per_channel=config.per_channel)
-    return plan_ranges(prepared, plan.activation_names(), calibration, config, None, notes, progress=progress)
+    plan = plan_quantization(prepared, config.placement())
+    return plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
 
 
-def plan_ranges(model: onnx.ModelProto, needed: list[str], calibration: Dataset | None, config: QuantizeConfig,
+def explain(model: str | os.PathLike[str] | onnx.ModelProto, *, config: QuantizeConfig | None = None) -> QuantPlan:
+    """The placement plan ``quantize`` would follow for ``model``: every node's decision, rule and reason."""
+    config = config or QuantizeConfig()
+    prepared, _ = prepare(load_model(model))
+    return plan_quantization(prepared, config.placement())
+
+
+def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | None, config: QuantizeConfig,
                 given: TensorRanges | None, notes: list[str], *, progress: bool = False) -> TensorRanges:
-    """A range for every tensor in ``needed``: from ``given`` (directly or through copy ops), else calibrated."""
+    """A range for every planned activation: from ``given`` (directly or through copy ops), else calibrated.
+
+    Tensors the plan groups (a Concat and its quantized inputs) then share the group's largest range.
+    """
+    needed = plan.activation_names()
     known = given or TensorRanges({}, method=config.method)
     if given is not None:
-        present = {t for n in model.graph.node for t in n.output} | {i.name for i in model.graph.input}
-        if unknown := [name for name in given if name not in present]:
-            log.warning("%d names in the range file are not tensors of this model and are ignored: %s",
-                        len(unknown), ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
         known, inherited = inherit_through_copies(model, needed, known)
         notes.extend(inherited)
     if missing := [name for name in needed if name not in known]:
@@ -151,7 +166,15 @@ def plan_ranges(model: onnx.ModelProto, needed: list[str], calibration: Dataset 
             raise CalibrationError(f"{len(missing)} tensors to quantize have no range: "
                                    f"{describe_missing(missing, known)}; pass calibration data to calibrate them")
         known = known.merged(collect_ranges(model, missing, calibration, config, progress=progress))
-    return known.subset(needed)
+    return known.subset(needed).shared(plan.shared_scales)
+
+
+def warn_unknown_names(ranges: TensorRanges, model: onnx.ModelProto) -> None:
+    """List the names of a range file that the user's model (before preparation) does not have."""
+    present = {t for n in model.graph.node for t in n.output} | {i.name for i in model.graph.input}
+    if unknown := [name for name in ranges if name not in present]:
+        log.warning("%d names in the range file are not tensors of this model and are ignored: %s",
+                    len(unknown), ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
 
 
 def describe_missing(missing: list[str], known: TensorRanges) -> str:

@@ -65,6 +65,22 @@ class TensorRanges:
         return TensorRanges({**other.amax, **self.amax}, method=method, samples=other.samples or self.samples,
                             scales={**other.scales, **self.scales}, header=self.header)
 
+    def shared(self, groups: tuple[tuple[str, ...], ...]) -> TensorRanges:
+        """Each group's members all take the group's largest range (one scale for a Concat and its inputs)."""
+        amax, scales = dict(self.amax), dict(self.scales)
+        for group in groups:
+            members = [n for n in group if n in amax]
+            if len(members) < 2:
+                continue
+            widest = max(members, key=lambda n: (self.scale(n), n))
+            for name in members:
+                amax[name] = self.amax[widest]
+                if widest in self.scales:
+                    scales[name] = self.scales[widest]
+                else:
+                    scales.pop(name, None)
+        return TensorRanges(amax, method=self.method, samples=self.samples, scales=scales, header=self.header)
+
     def save(self, path: str | os.PathLike[str], fmt: str | None = None) -> None:
         from qdq.range_files import write_ranges
 

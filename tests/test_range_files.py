@@ -42,7 +42,7 @@ def test_trt_sample_ranges_quantize_resnet50_without_data(caplog):
     result = qdq.quantize(CAFFE2_RESNET, ranges=ranges)
     text = dict(line.rsplit(":", 1) for line in TRT_TEXT.read_text().splitlines() if line.strip())
     scales = q_scales(result.model)
-    assert len(scales) == 50
+    assert len(scales) == len(result.plan.activation_names()) > 50  # Conv/Gemm inputs, residual skips, pools
     for tensor, scale in scales.items():
         source = "gpu_0/pool5_1" if tensor == "gpu_0/pool5_reshape_1" else tensor  # a Reshape copies its input
         expected = np.float32(float(text[source]) / QMAX)
@@ -162,7 +162,7 @@ def test_cli_collects_converts_and_applies_a_cache(tmp_path, capsys):
     scales = q_scales(onnx.load(str(tmp_path / "m.onnx")))
     assert scales.keys() == expected.keys()
     assert all(scales[n] == np.float32(expected[n]) for n in expected)
-    assert "wrote 7 ranges" in capsys.readouterr().out
+    assert "wrote 6 ranges" in capsys.readouterr().out
 
 
 def test_cli_ranges_usage_errors(tmp_path, capsys):

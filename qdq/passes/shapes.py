@@ -45,10 +45,19 @@ def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.value_info.extend(src.value_info)
     declared = {i.name for i in src.input}
     for init in src.initializer:
-        if init.ByteSize() <= SMALL_INITIALIZER_BYTES:
+        if tensor_bytes(init) <= SMALL_INITIALIZER_BYTES:
             graph.initializer.append(init)
         elif init.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     light = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     light.functions.extend(model.functions)
     return light
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's data size from its dims and type (ByteSize() walks the whole message: slow on big weights)."""
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 4
+    return count * itemsize

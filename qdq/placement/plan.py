@@ -40,9 +40,13 @@ Use = tuple[str, int]  # (consumer node name, input index)
 
 @dataclass(frozen=True)
 class QuantPlan:
-    """Every node's decision, in graph order. Computed before any Q/DQ node is written."""
+    """Every node's decision, in graph order, and the groups of tensors that must share one scale.
+
+    Computed before any Q/DQ node is written.
+    """
 
     decisions: tuple[Decision, ...]
+    shared_scales: tuple[tuple[str, ...], ...] = ()
 
     def __bool__(self) -> bool:
         return any(d.quantized for d in self.decisions)
@@ -72,10 +76,22 @@ class QuantPlan:
         return [d for d in self.decisions if d.quantized]
 
     def explain(self) -> str:
-        """One line per node: quantized or float, the rule, and the reason."""
+        """One line per node: quantized or float, the rule, and the reason; then the shared-scale groups."""
         width = max((len(d.node) for d in self.decisions), default=0)
         lines = []
         for d in self.decisions:
             mark = "int8 " if d.quantized else "float"
-            lines.append(f"{mark}  {d.node:<{width}}  {d.op:<18} [{d.rule}] {d.reason}")
+            quantized = f" <- {', '.join(q.tensor for q in d.inputs)}" if d.inputs else ""
+            lines.append(f"{mark}  {d.node:<{width}}  {d.op:<18} [{d.rule}] {d.reason}{quantized}")
+        for group in self.shared_scales:
+            lines.append(f"shared scale: {', '.join(group)}")
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """The plan as plain data (``qdq explain --json``)."""
+        return {
+            "nodes": [{"node": d.node, "op": d.op, "quantized": d.quantized, "rule": d.rule, "reason": d.reason,
+                       "inputs": [{"tensor": q.tensor, "index": q.index, "kind": q.kind, "axis": q.axis}
+                                  for q in d.inputs]} for d in self.decisions],
+            "shared_scales": [list(g) for g in self.shared_scales],
+        }

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import onnx
 import onnx_graphsurgeon as gs
 
 from qdq.errors import PlacementError
 from qdq.graph import import_graph, is_constant, is_float32
-from qdq.placement.plan import QuantPlan
-from qdq.placement.rules import RULES, WEIGHTED_OPS, PlanContext, keep_float
+from qdq.placement.neighbourhood import concat_scale_groups, quantize_pooling, quantize_residual_adds
+from qdq.placement.plan import Decision, QuantPlan
+from qdq.placement.rules import RULES, PlanContext, keep_float
 from qdq.runtime import output_types
 
 QUANTIZED_OPS = frozenset({
@@ -17,21 +21,54 @@ QUANTIZED_OPS = frozenset({
 })
 
 
-def plan_quantization(model: onnx.ModelProto, *, per_channel: bool = True) -> QuantPlan:
-    """Decide, node by node, which inputs get Q/DQ. The model is only read.
+@dataclass(frozen=True)
+class PlacementOptions:
+    """The user's steering: node-name patterns and op types to keep float, op types to quantize too."""
+
+    per_channel: bool = True
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    include_op_types: tuple[str, ...] = ()
+
+
+def plan_quantization(model: onnx.ModelProto, options: PlacementOptions | None = None) -> QuantPlan:
+    """Decide, node by node, which inputs get Q/DQ, and which tensors share a scale. The model is only read.
+
+    Per-node rules run first (weighted ops, included op types), then the rules that look at those decisions
+    (residual Adds, pooling, Concat scale groups). User exclusions win over every rule.
 
     Raises PlacementError for a model that is already quantized: qdq does not quantize twice.
     """
+    options = options or PlacementOptions()
     graph = import_graph(model)
     refuse_quantized(graph)
     known = learn_float32(model, graph)
     ctx = PlanContext(is_float32=lambda t: is_constant_float32(t) if is_constant(t) else known(t),
-                      per_channel=per_channel)
-    decisions = []
+                      graph_inputs=frozenset(t.name for t in graph.inputs), per_channel=options.per_channel,
+                      include_op_types=frozenset(options.include_op_types))
+    decisions: dict[str, Decision] = {}
+    excluded: set[str] = set()
+    patterns = [(p, re.compile(p)) for p in options.exclude_nodes]
     for node in graph.nodes:
+        if reason := exclusion(node, patterns, options.exclude_op_types):
+            decisions[node.name] = Decision(node.name, node.op, False, "excluded", reason)
+            excluded.add(node.name)
+            continue
         decision = next((d for rule in RULES if (d := rule(node, ctx)) is not None), None)
-        decisions.append(decision or keep_float(node, ctx))
-    return QuantPlan(tuple(decisions))
+        decisions[node.name] = decision or keep_float(node, ctx)
+    quantize_residual_adds(graph, decisions, ctx, excluded)
+    quantize_pooling(graph, decisions, ctx, excluded)
+    groups = concat_scale_groups(graph, decisions, excluded)
+    return QuantPlan(tuple(decisions[node.name] for node in graph.nodes), shared_scales=groups)
+
+
+def exclusion(node: gs.Node, patterns: list[tuple[str, re.Pattern]], op_types: tuple[str, ...]) -> str | None:
+    if node.op in op_types:
+        return f"excluded by --exclude-op-types {node.op}"
+    for text, pattern in patterns:
+        if pattern.search(node.name):
+            return f"excluded by --exclude-nodes {text!r}"
+    return None
 
 
 def refuse_quantized(graph: gs.Graph) -> None:
@@ -50,8 +87,7 @@ def is_constant_float32(tensor: gs.Constant) -> bool:
 
 def learn_float32(model: onnx.ModelProto, graph: gs.Graph):
     """A float32 test for variables: shape inference's dtype where known, else the type ONNX Runtime infers."""
-    unknown = sorted({t.name for n in graph.nodes if n.op in WEIGHTED_OPS
-                      for t in n.inputs[:2] if not is_constant(t) and t.dtype is None})
+    unknown = sorted({t.name for n in graph.nodes for t in n.inputs if not is_constant(t) and t.dtype is None})
     ort_types = output_types(model, unknown) if unknown else {}
 
     def known(tensor: gs.Tensor) -> bool:

@@ -1,4 +1,8 @@
-"""Placement rules. Each looks at one node and returns a Decision with its reason, or None to pass."""
+"""Per-node placement rules. Each looks at one node and returns a Decision with its reason, or None to pass.
+
+Sources for each heuristic are in ../specs/placement.md; [TRT] marks documented TensorRT behaviour, [MO] a
+Model Optimizer heuristic measured by NVIDIA on real models.
+"""
 
 from __future__ import annotations
 
@@ -8,43 +12,62 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from qdq.graph import is_constant
+from qdq.placement.graph_view import (
+    POOLING_OPS,
+    WEIGHTED_OPS,
+    feeds_softmax,
+    from_softmax,
+    in_float_region,
+    mask_like,
+    static_dims,
+)
 from qdq.placement.plan import Decision, QuantInput
 
-# TensorRT's quantizable weighted layers, and the input slots that take Q/DQ (the bias stays float).
-WEIGHTED_OPS: dict[str, tuple[int, int]] = {"Conv": (0, 1), "ConvTranspose": (0, 1), "Gemm": (0, 1), "MatMul": (0, 1)}
+MIN_GEMM_DIM = 16  # [MO] GEMMs with K or N below this gain nothing from INT8 tensor cores
+MIN_CONV_CHANNELS = 16  # [MO] Convs with fewer input/output channels (but multiples of 8 and the first layer)
+MAX_ATTENTION_SEQUENCE = 512  # [MO] attention MatMuls over longer sequences stay float
 
 
 @dataclass(frozen=True)
 class PlanContext:
-    """What rules may ask about the graph besides the node itself."""
+    """What rules may ask about the graph and the user's options besides the node itself."""
 
     is_float32: Callable[[gs.Tensor], bool]
+    graph_inputs: frozenset[str] = frozenset()
     per_channel: bool = True
+    include_op_types: frozenset[str] = frozenset()
 
 
 Rule = Callable[[gs.Node, PlanContext], "Decision | None"]
 
 
-def quantize_weighted_op(node: gs.Node, ctx: PlanContext) -> Decision | None:
-    """Conv, ConvTranspose, Gemm, MatMul: Q/DQ on the activation and weight inputs.
+def decline(node: gs.Node, rule: str, reason: str) -> Decision:
+    return Decision(node.name, node.op, quantized=False, rule=rule, reason=reason)
 
-    TensorRT fuses the DequantizeLinear on each input into the layer and runs it in INT8 only when every
-    input is quantized. Outputs are left alone: TensorRT fuses an output Q when a quantized consumer follows.
+
+def quantize_weighted_op(node: gs.Node, ctx: PlanContext) -> Decision | None:
+    """[TRT] Conv, ConvTranspose, Gemm, MatMul: Q/DQ on the activation and weight inputs.
+
+    TensorRT fuses the DequantizeLinear on each input into the layer and runs it in INT8 only when every input
+    is quantized. Outputs are left alone: TensorRT fuses an output Q when a quantized consumer follows.
     """
     if node.op not in WEIGHTED_OPS:
         return None
-    slots = WEIGHTED_OPS[node.op]
-    operands = [node.inputs[i] for i in slots]
-
-    def decline(reason: str) -> Decision:
-        return Decision(node.name, node.op, quantized=False, rule="weighted-op", reason=reason)
-
-    if not all(ctx.is_float32(t) for t in operands):
-        return decline("operands are not float32 (only float32 tensors are quantized)")
-    if node.op in ("Conv", "ConvTranspose") and not is_constant(node.inputs[1]):
-        return decline("non-constant weights: TensorRT needs constant weights for an INT8 convolution")
+    operands = node.inputs[:2]
+    if len(operands) < 2 or not all(ctx.is_float32(t) for t in operands):
+        return decline(node, "weighted-op", "operands are not float32 (only float32 tensors are quantized)")
+    if node.op in ("Conv", "ConvTranspose"):
+        if not is_constant(node.inputs[1]):
+            return decline(node, "weighted-op", "non-constant weights: TensorRT needs constant weights for INT8")
+        if reason := tiny_conv(node, ctx):
+            return decline(node, "tiny-conv", reason)
+    else:
+        if reason := tiny_gemm(node):
+            return decline(node, "tiny-gemm", reason)
+        if not any(is_constant(t) for t in operands):
+            return attention_matmul(node, ctx)
     inputs = []
-    for slot, tensor in zip(slots, operands, strict=True):
+    for slot, tensor in enumerate(operands):
         if is_constant(tensor):
             axis = weight_axis(node, slot, len(tensor.shape)) if ctx.per_channel else None
             inputs.append(QuantInput(tensor.name, slot, "weight", axis))
@@ -54,14 +77,99 @@ def quantize_weighted_op(node: gs.Node, ctx: PlanContext) -> Decision | None:
                     reason=f"{node.op}: INT8 when every input has Q/DQ", inputs=tuple(inputs))
 
 
+def tiny_conv(node: gs.Node, ctx: PlanContext) -> str | None:
+    """[MO] Too few channels for INT8 kernels to pay off; multiples of 8 and the first layer are fine."""
+    shape = node.inputs[1].shape
+    group = int(node.attrs.get("group", 1))
+    if node.op == "Conv":
+        out_channels, in_channels = int(shape[0]), int(shape[1]) * group
+    else:
+        in_channels, out_channels = int(shape[0]), int(shape[1]) * group
+    if node.inputs[0].name in ctx.graph_inputs:
+        return None
+    small = [c for c in (in_channels, out_channels) if c < MIN_CONV_CHANNELS and c % 8]
+    if small:
+        return (f"{in_channels} input and {out_channels} output channels: below {MIN_CONV_CHANNELS} and not a "
+                "multiple of 8, INT8 gains nothing")
+    return None
+
+
+def gemm_dims(node: gs.Node) -> tuple[int | None, int | None, int | None]:
+    """(M, K, N) of a Gemm or MatMul where the shapes tell them, else None for each unknown."""
+    a, b = static_dims(node.inputs[0]), static_dims(node.inputs[1])
+    if node.op == "Gemm":
+        m_k = None if a is None or len(a) != 2 else (a[::-1] if int(node.attrs.get("transA", 0)) else a)
+        k_n = None if b is None or len(b) != 2 else (b[::-1] if int(node.attrs.get("transB", 0)) else b)
+        return (m_k[0] if m_k else None, m_k[1] if m_k else (k_n[0] if k_n else None), k_n[1] if k_n else None)
+    m = None if a is None else (1 if len(a) == 1 else a[-2])
+    k = a[-1] if a else (b[-2] if b and len(b) >= 2 else None)
+    n = None if b is None else (1 if len(b) == 1 else b[-1])
+    return m, k, n
+
+
+def tiny_gemm(node: gs.Node) -> str | None:
+    """[MO] GEMV-shaped (M or N = 1) or narrow (K or N < 16) products run as fast in float.
+
+    M counts only when it is not the batch axis (a MatMul's rows within a sample, such as one decoder step):
+    a Gemm's M is the batch, which the engine's optimisation profile sets, not the graph.
+    """
+    m, k, n = gemm_dims(node)
+    a = static_dims(node.inputs[0])
+    if node.op == "Gemm" or (a is not None and len(a) == 2):
+        m = None
+    if m == 1 or n == 1:
+        return f"GEMV-shaped (M={m}, N={n}): no tensor-core gain from INT8"
+    if (k is not None and k < MIN_GEMM_DIM) or (n is not None and n < MIN_GEMM_DIM):
+        return f"K={k}, N={n}: below {MIN_GEMM_DIM}, INT8 gains nothing"
+    return None
+
+
+def attention_matmul(node: gs.Node, ctx: PlanContext) -> Decision:
+    """[MO] A MatMul of two activations: Q·Kᵀ or attention·V, both operands quantized unless the sequence is long."""
+    scores = feeds_softmax(node.outputs[0])
+    probs = next((i for i, t in enumerate(node.inputs[:2]) if from_softmax(t)), None)
+    if scores is not None:
+        kind, dims = "Q·Kᵀ", static_dims(node.outputs[0])
+    elif probs is not None:
+        kind, dims = "attention·V", static_dims(node.inputs[probs])
+    else:
+        kind, dims = "activation × activation", None
+    sequence = dims[-1] if dims else None
+    if sequence is not None and sequence > MAX_ATTENTION_SEQUENCE:
+        return decline(node, "attention", f"{kind} over a sequence of {sequence} > {MAX_ATTENTION_SEQUENCE}: float")
+    where = "" if sequence is None else f", sequence {sequence}"
+    inputs = tuple(QuantInput(t.name, slot, "activation") for slot, t in enumerate(node.inputs[:2]))
+    return Decision(node.name, node.op, quantized=True, rule="attention",
+                    reason=f"{kind} MatMul: both operands{where}", inputs=inputs)
+
+
+def quantize_included_op(node: gs.Node, ctx: PlanContext) -> Decision | None:
+    """Ops the user asked for with --include-op-types (Add, Mul, Resize...): their float activation inputs."""
+    if node.op not in ctx.include_op_types or node.op in WEIGHTED_OPS or node.op in POOLING_OPS:
+        return None
+    if region := in_float_region(node):
+        return decline(node, "float-region", region)
+    candidates = node.inputs[:1] if node.op in ("Resize", "Upsample") else node.inputs
+    if any(is_constant(t) for t in candidates):
+        return decline(node, "constant-input", "pointwise op with a constant input: stays float")
+    if any(mask_like(t) for t in candidates):
+        return decline(node, "mask", "reads a mask (integer data or huge constants): stays float")
+    floats = [QuantInput(t.name, slot, "activation") for slot, t in enumerate(candidates) if ctx.is_float32(t)]
+    if not floats:
+        return decline(node, "included-op", "no float32 activation input")
+    return Decision(node.name, node.op, quantized=True, rule="included-op",
+                    reason=f"{node.op}: included by --include-op-types", inputs=tuple(floats))
+
+
 def keep_float(node: gs.Node, ctx: PlanContext) -> Decision:
     """The fallback: ops that are not quantized by default run in float."""
-    return Decision(node.name, node.op, quantized=False, rule="default-float",
-                    reason="not a quantized op type by default")
+    if region := in_float_region(node):
+        return decline(node, "float-region", region)
+    return decline(node, "default-float", "not a quantized op type by default")
 
 
 def weight_axis(node: gs.Node, slot: int, rank: int) -> int | None:
-    """The output-channel axis of a constant weight (TensorRT's per-channel rule), or None for per tensor."""
+    """[TRT] The output-channel axis of a constant weight, or None for per tensor."""
     if node.op == "Conv" and slot == 1:
         return 0
     if node.op == "ConvTranspose" and slot == 1:
@@ -74,4 +182,4 @@ def weight_axis(node: gs.Node, slot: int, rank: int) -> int | None:
     return None  # a constant first operand (A) of Gemm/MatMul has no output-channel axis
 
 
-RULES: tuple[Rule, ...] = (quantize_weighted_op,)
+RULES: tuple[Rule, ...] = (quantize_weighted_op, quantize_included_op)

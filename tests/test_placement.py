@@ -1,0 +1,298 @@
+"""Placement rules, one small graph each, with the reason checked for the cases left in float."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ROOT, initializer, nodes_by_op, parse, producers
+
+import qdq
+from qdq.cli import main
+from qdq.placement import PlacementOptions, plan_quantization
+
+sys.path.insert(0, str(ROOT / "models"))
+from encoder import build_encoder, encoder_inputs  # noqa: E402
+
+HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
+
+
+def plan_of(model: onnx.ModelProto, **options) -> qdq.placement.QuantPlan:
+    prepared, _ = qdq.prepare(model)
+    return plan_quantization(prepared, PlacementOptions(**options))
+
+
+def decision(plan, node: str):
+    return next(d for d in plan.decisions if d.node == node)
+
+
+def quantized_tensors(plan, node: str) -> list[str]:
+    return [q.tensor for q in decision(plan, node).inputs]
+
+
+# x -> conv1 -> relu -> conv2 -> (+ skip r) -> y : conv2's output fuses with the Add, the skip r gets Q/DQ.
+RESIDUAL = HEADER + """
+g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] y)
+<float[16, 16, 3, 3] w1 = {0.0}, float[16, 16, 3, 3] w2 = {0.0}> {
+  c1 = Conv <pads = [1, 1, 1, 1]> (x, w1)
+  r = Relu (c1)
+  c2 = Conv <pads = [1, 1, 1, 1]> (r, w2)
+  y = Add (c2, r)
+}"""
+
+# Downsampling block: the long branch (conv a -> relu -> conv b) and the shortcut (conv s) both end in a Conv;
+# the shortcut, the shorter path back to r, gets Q/DQ.
+DOWNSAMPLE = HEADER + """
+g (float[N, 16, 8, 8] x) => (float[N, 32, 8, 8] y)
+<float[16, 16, 1, 1] w0 = {0.0}, float[32, 16, 1, 1] ws = {0.0}, float[32, 16, 3, 3] wa = {0.0},
+ float[32, 32, 3, 3] wb = {0.0}> {
+  r = Relu (x)
+  c0 = Conv (r, w0)
+  shortcut = Conv (c0, ws)
+  a = Conv <pads = [1, 1, 1, 1]> (c0, wa)
+  ra = Relu (a)
+  b = Conv <pads = [1, 1, 1, 1]> (ra, wb)
+  y = Add (b, shortcut)
+}"""
+
+
+def test_conv_outputs_stay_float_and_inputs_get_qdq(rng):
+    plan = plan_of(parse(RESIDUAL, rng))
+    assert quantized_tensors(plan, "Conv_c1") == ["x", "w1"]
+    assert quantized_tensors(plan, "Conv_c2") == ["r", "w2"]
+    assert "c1" not in plan.activation_names() and "c2" not in plan.activation_names(), "no Q/DQ on Conv outputs"
+
+
+def test_residual_add_quantizes_the_skip_input_only(rng):
+    plan = plan_of(parse(RESIDUAL, rng))
+    add = decision(plan, "Add_y")
+    assert add.quantized and add.rule == "residual-add" and quantized_tensors(plan, "Add_y") == ["r"]
+    assert "skip input" in add.reason
+
+
+def test_residual_add_of_two_convs_quantizes_the_shortcut(rng):
+    plan = plan_of(parse(DOWNSAMPLE, rng))
+    add = decision(plan, "Add_y")
+    assert quantized_tensors(plan, "Add_y") == ["shortcut"], add
+    assert "shortcut" in add.reason
+
+
+def test_residual_add_without_a_fusible_layer_quantizes_both_inputs(rng):
+    model = parse(HEADER + """
+    g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] y)
+    <float[16, 16, 3, 3] w1 = {0.0}, float[16, 16, 3, 3] w2 = {0.0}> {
+      a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+      ra = Relu (a)
+      b = Conv <pads = [1, 1, 1, 1]> (x, w2)
+      rb = Relu (b)
+      y = Add (ra, rb)
+    }""", rng)
+    plan = plan_of(model)
+    assert sorted(quantized_tensors(plan, "Add_y")) == ["ra", "rb"]
+    assert "both inputs" in decision(plan, "Add_y").reason
+
+
+def test_add_of_embeddings_stays_float():
+    model = parse(HEADER + """
+    g (int64[N, 4] ids) => (float[N, 4, 16] y) <float[100, 16] table = {0.0}, float[4, 16] pos = {0.0}> {
+      e = Gather (table, ids)
+      p = Identity (pos)
+      y = Add (e, p)
+    }""", np.random.default_rng(0))
+    plan = plan_of(model)
+    assert not decision(plan, "Add_y").quantized
+
+
+def test_concat_shares_one_scale_with_its_quantized_inputs(rng):
+    # r1 also feeds its own Conv, so it has Q/DQ; the Concat output feeds a Conv, so it has too: one scale.
+    model = parse(HEADER + """
+    g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] y, float[N, 16, 8, 8] z)
+    <float[16, 16, 1, 1] w1 = {0.0}, float[16, 16, 1, 1] w2 = {0.0}, float[16, 32, 1, 1] w3 = {0.0},
+     float[16, 16, 1, 1] w4 = {0.0}> {
+      r1 = Relu (x)
+      c2 = Conv (x, w2)
+      r2 = Relu (c2)
+      cat = Concat <axis = 1> (r1, r2)
+      y = Conv (cat, w3)
+      z = Conv (r1, w4)
+    }""", rng)
+    plan = plan_of(model)
+    assert plan.shared_scales == (("cat", "r1"),)
+    assert decision(plan, "Concat_cat").rule == "concat"
+    data = {"x": rng.normal(size=(8, 16, 8, 8)).astype(np.float32)}
+    out = qdq.quantize(model, data, config=qdq.QuantizeConfig(method="max")).model
+    scales = {q.input[0]: initializer(out, q.input[1]) for q in nodes_by_op(out, "QuantizeLinear")}
+    assert scales["cat"] == scales["r1"], "one scale: TensorRT needs no requantization at the Concat"
+    assert scales["cat"] >= np.float32(np.maximum(data["x"], 0).max() / 127), "the wider of the two ranges"
+
+
+def test_pooling_is_quantized_next_to_a_quantized_consumer(rng):
+    model = parse(HEADER + """
+    g (float[N, 16, 8, 8] x) => (float[N, 16, 4, 4] y, float[N, 16, 4, 4] z) <float[16, 16, 3, 3] w = {0.0}> {
+      r = Relu (x)
+      p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)
+      y = Conv <pads = [1, 1, 1, 1]> (p, w)
+      z = AveragePool <kernel_shape = [2, 2], strides = [2, 2]> (x)
+    }""", rng)
+    plan = plan_of(model)
+    assert quantized_tensors(plan, "MaxPool_p") == ["r"]
+    lonely = decision(plan, "AveragePool_z")
+    assert not lonely.quantized and "no quantized producer or consumer" in lonely.reason
+
+
+def test_pooling_through_a_reshape_before_a_gemm(rng):
+    model = parse(HEADER + """
+    g (float[N, 32, 4, 4] x) => (float[N, 16] y) <float[32, 16] w = {0.0}, int64[2] shape = {0, -1}> {
+      r = Relu (x)
+      p = GlobalAveragePool (r)
+      f = Reshape (p, shape)
+      y = Gemm (f, w)
+    }""", rng)
+    plan = plan_of(model)
+    assert quantized_tensors(plan, "GlobalAveragePool_p") == ["r"]
+    assert quantized_tensors(plan, "Gemm_y") == ["f", "w"]
+
+
+@pytest.mark.parametrize(
+    ("shapes", "rule", "reason"),
+    [
+        ("float[N, 1, 64] x) => (float[N, 1, 32] y) <float[64, 32] w = {0.0}>", "tiny-gemm", "GEMV-shaped"),
+        ("float[N, 8] x) => (float[N, 32] y) <float[8, 32] w = {0.0}>", "tiny-gemm", "K=8"),
+        ("float[N, 64] x) => (float[N, 1] y) <float[64, 1] w = {0.0}>", "tiny-gemm", "GEMV-shaped"),
+    ],
+    ids=["M=1", "K<16", "N=1"],
+)
+def test_gemv_and_tiny_matmuls_stay_float(shapes, rule, reason):
+    model = parse(HEADER + f"\ng ({shapes} {{ y = MatMul (x, w) }}", np.random.default_rng(0))
+    d = plan_of(model).decisions[0]
+    assert not d.quantized and d.rule == rule and reason in d.reason, d
+
+
+def test_tiny_channel_conv_stays_float_but_not_the_first_layer(rng):
+    model = parse(HEADER + """
+    g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) <float[16, 3, 3, 3] w1 = {0.0}, float[4, 16, 1, 1] w2 = {0.0}> {
+      c = Conv <pads = [1, 1, 1, 1]> (x, w1)
+      r = Relu (c)
+      y = Conv (r, w2)
+    }""", rng)
+    plan = plan_of(model)
+    assert decision(plan, "Conv_c").quantized, "3 input channels, but the first layer"
+    small = decision(plan, "Conv_y")
+    assert not small.quantized and small.rule == "tiny-conv" and "4 output channels" in small.reason
+
+
+def test_encoder_attention_softmax_layernorm_and_gelu():
+    plan = plan_of(build_encoder(layers=1, hidden=64, heads=4, seq=16), include_op_types=("Add", "Mul", "Div"))
+    scores = decision(plan, "layer0/attention/scores/MatMul")
+    context = decision(plan, "layer0/attention/context/MatMul")
+    assert scores.quantized and "Q·Kᵀ" in scores.reason and len(scores.inputs) == 2
+    assert context.quantized and "attention·V" in context.reason and len(context.inputs) == 2
+    for node in ("layer0/attention/Softmax", "layer0/attention/output/LayerNorm", "layer0/gelu/Erf",
+                 "layer0/gelu/mul", "layer0/gelu/div", "layer0/attention/scores/mask"):
+        d = decision(plan, node)
+        assert not d.quantized and d.rule in ("float-region", "mask"), d
+    assert "Softmax" in decision(plan, "layer0/attention/scores/mask").reason
+    for dense in ("query", "key", "value", "output"):
+        assert decision(plan, f"layer0/attention/{dense}/MatMul").quantized
+
+
+def test_attention_over_long_sequences_stays_float():
+    plan = plan_of(build_encoder(layers=1, hidden=32, heads=2, seq=640))
+    scores = decision(plan, "layer0/attention/scores/MatMul")
+    assert not scores.quantized and "640 > 512" in scores.reason
+
+
+def test_decomposed_layernorm_stays_float_even_when_included(rng):
+    model = parse(HEADER + """
+    g (float[N, 8, 32] x) => (float[N, 8, 32] y) <float[32, 32] w = {0.0}, float[1] two = {2.0},
+      float[1] eps = {0.00001}> {
+      h = MatMul (x, w)
+      m = ReduceMean <axes = [-1]> (h)
+      d = Sub (h, m)
+      sq = Pow (d, two)
+      v = ReduceMean <axes = [-1]> (sq)
+      ve = Add (v, eps)
+      s = Sqrt (ve)
+      y = Div (d, s)
+    }""", rng)
+    plan = plan_of(model, include_op_types=("Sub", "Div", "Add"))
+    for node in ("Sub_d", "Div_y", "Add_ve"):
+        d = decision(plan, node)
+        assert not d.quantized and d.rule in ("float-region", "constant-input"), d
+
+
+def test_included_op_types_quantize_their_float_inputs(rng):
+    model = parse(HEADER + """
+    g (float[N, 16, 4, 4] x, float[N, 16, 4, 4] z) => (float[N, 16, 4, 4] y) {
+      a = Relu (x)
+      b = Relu (z)
+      y = Mul (a, b)
+    }""", rng)
+    assert not decision(plan_of(model), "Mul_y").quantized
+    included = decision(plan_of(model, include_op_types=("Mul",)), "Mul_y")
+    assert included.quantized and [q.tensor for q in included.inputs] == ["a", "b"]
+
+
+def test_exclusions_win_and_say_why(rng):
+    plan = plan_of(parse(RESIDUAL, rng), exclude_nodes=("c2$",), exclude_op_types=("Add",))
+    conv = decision(plan, "Conv_c2")
+    assert not conv.quantized and conv.reason == "excluded by --exclude-nodes 'c2$'"
+    assert decision(plan, "Add_y").reason == "excluded by --exclude-op-types Add"
+    assert decision(plan, "Conv_c1").quantized
+
+
+def test_bad_exclude_pattern_is_a_usage_error(capsys):
+    assert main(["explain", str(ROOT / "models/digits/digits.onnx"), "--exclude-nodes", "("]) == 2
+    assert "not a regular expression" in capsys.readouterr().err
+
+
+def test_one_pair_per_tensor_nothing_on_outputs_never_back_to_back(rng):
+    model = build_encoder(layers=2, hidden=64, heads=4, seq=16)
+    out = qdq.quantize(model, encoder_inputs(16, 16), config=qdq.QuantizeConfig(include_op_types=("Add",))).model
+    quantized = [q.input[0] for q in nodes_by_op(out, "QuantizeLinear")]
+    assert len(quantized) == len(set(quantized))
+    made_by = producers(out)
+    for o in out.graph.output:
+        assert made_by[o.name].op_type not in ("QuantizeLinear", "DequantizeLinear")
+    for q in nodes_by_op(out, "QuantizeLinear"):
+        assert q.input[0] not in made_by or made_by[q.input[0]].op_type != "DequantizeLinear", q.name
+
+
+def random_topological_order(model: onnx.ModelProto, rng) -> onnx.ModelProto:
+    """The same graph with its nodes in another valid (topological) order."""
+    nodes = list(model.graph.node)
+    made_by = {o: i for i, n in enumerate(nodes) for o in n.output}
+    deps = [{made_by[t] for t in n.input if t in made_by} for n in nodes]
+    order, done = [], set()
+    while len(order) < len(nodes):
+        ready = [i for i in range(len(nodes)) if i not in done and deps[i] <= done]
+        pick = ready[int(rng.integers(len(ready)))]
+        order.append(pick)
+        done.add(pick)
+    shuffled = onnx.ModelProto()
+    shuffled.CopyFrom(model)
+    del shuffled.graph.node[:]
+    shuffled.graph.node.extend(nodes[i] for i in order)
+    return shuffled
+
+
+@pytest.mark.parametrize("source", ["inception_v1", "encoder"])
+def test_placement_does_not_depend_on_node_order(source, rng):
+    from conftest import light_model
+
+    model = light_model(source, rng) if source != "encoder" else build_encoder(layers=2, hidden=64, seq=16)
+    first = plan_of(model)
+    again = plan_of(random_topological_order(model, rng))
+    assert [n.name for n in model.graph.node] != [n.name for n in random_topological_order(model, rng).graph.node]
+    assert sorted(first.decisions, key=lambda d: d.node) == sorted(again.decisions, key=lambda d: d.node)
+    assert first.shared_scales == again.shared_scales
+
+
+def test_explain_cli_prints_every_node_and_a_summary(capsys):
+    assert main(["explain", str(ROOT / "models/digits/digits.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "[tiny-gemm] K=64, N=10" in out and "[residual-add]" in out and "nodes quantized" in out
+    assert main(["explain", str(ROOT / "models/digits/digits.onnx"), "--json"]) == 0
+    assert '"rule": "weighted-op"' in capsys.readouterr().out
