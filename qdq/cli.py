@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 bad input or a failed check (one line on stderr), 2 usa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qdq import __version__
+from qdq.check import check_model
 from qdq.compare import Comparison, load_labels
 from qdq.config import METHODS, WEIGHT_FORMATS, QuantizeConfig
 from qdq.errors import QdqError
-from qdq.model_io import check_writable
+from qdq.model_io import check_writable, load_model
 from qdq.quantize import QuantizeResult, calibrate, explain, quantize
 from qdq.range_files import FORMATS, format_for_path, read_ranges, write_ranges
 
@@ -91,6 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_placement_args(e)
     e.add_argument("--json", action="store_true", help="print the plan as JSON")
     e.set_defaults(run=run_explain)
+
+    c = commands.add_parser("check", parents=[common], help="check a Q/DQ model against what TensorRT accepts",
+                            description="Validate an explicitly quantized model against TensorRT's rules (scales, "
+                                        "zero points, per-channel axes, pairing, unsupported ops). Needs no "
+                                        "TensorRT. Exit 1 when there are errors.")
+    c.add_argument("model", type=Path, help="quantized ONNX model (from qdq or any other tool)")
+    c.add_argument("--json", action="store_true", help="print the findings as JSON")
+    c.set_defaults(run=run_check)
+
+    b = commands.add_parser("build", parents=[common], help="build a TensorRT engine from a Q/DQ model",
+                            description="Build a TensorRT engine (strongly typed: INT8 where the graph has Q/DQ) "
+                                        "and report which layers run in which precision. Needs TensorRT and a GPU; "
+                                        "prints the equivalent trtexec command either way.")
+    b.add_argument("model", type=Path, help="quantized ONNX model")
+    b.add_argument("-o", "--output", type=Path, required=True, help="where to write the engine")
+    b.add_argument("--workspace-mb", type=int, metavar="N", help="builder workspace limit in MiB")
+    b.add_argument("--timing-cache", type=Path, metavar="FILE", help="read and update this timing cache")
+    b.add_argument("--shapes", nargs="+", default=[], metavar="NAME:SHAPE",
+                   help="input shapes for dynamic dims: name:1x3x224x224 or name:MIN,OPT,MAX")
+    b.add_argument("--verify", metavar="DATA", help="run the engine on DATA and compare with ONNX Runtime")
+    b.add_argument("--batch-size", type=int, metavar="N", help="samples per run for --verify")
+    b.set_defaults(run=run_build)
 
     r = commands.add_parser("ranges", parents=[common], help="collect ranges, or convert a range file",
                             description="Calibrate a model and write its ranges, or convert a range file between "
@@ -183,6 +207,41 @@ def run_explain(args: argparse.Namespace) -> int:
         print(f"{len(quantized)} of {len(plan.decisions)} nodes quantized, {len(plan.activation_names())} "
               f"activations and {len(plan.weights())} weights with Q/DQ")
     return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from qdq import trt  # TensorRT itself is imported inside, on use
+
+    shapes = trt.parse_shapes(args.shapes)
+    model = load_model(args.model)
+    print(trt.trtexec_command(args.model, args.output, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
+                              shapes=shapes))
+    result = trt.build_engine(args.model, args.output, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
+                              shapes=shapes, quantized_nodes=quantized_node_names(model))
+    print(result.summary.describe())
+    print(f"wrote {result.engine}")
+    if args.verify:
+        comparison = trt.verify_engine(model, result.engine, args.verify, batch_size=args.batch_size)
+        print_comparison(comparison, f"{args.verify} (TensorRT vs ONNX Runtime)")
+    return 0
+
+
+def quantized_node_names(model) -> set[str]:
+    """Nodes reading at least one DequantizeLinear output: the layers that should run INT8."""
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type != "QuantizeLinear" and set(n.input) & dequantized}
+
+
+def run_check(args: argparse.Namespace) -> int:
+    findings = check_model(load_model(args.model))
+    errors = sum(f.severity == "error" for f in findings)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(f) for f in findings], indent=1))
+    else:
+        for finding in findings:
+            print(finding)
+        print(f"{args.model}: {errors} errors, {len(findings) - errors} warnings")
+    return 1 if errors else 0
 
 
 def run_ranges(args: argparse.Namespace) -> int:

@@ -38,7 +38,9 @@ class Comparison:
     quant_accuracy: float | None = None
 
 
-class _Accumulator:
+class OutputAccumulator:
+    """Running sums for one output's SQNR, max error and top-1 agreement."""
+
     def __init__(self) -> None:
         self.signal = self.noise = self.max_abs = 0.0
         self.agree = self.rows = 0
@@ -71,7 +73,7 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, d
     float_session = make_session(float_model, what="the float model")
     quant_session = make_session(quant_model, what="the quantized model")
     names = [o.name for o in float_session.get_outputs()]
-    accumulators = {name: _Accumulator() for name in names}
+    accumulators = {name: OutputAccumulator() for name in names}
     predictions: dict[str, list[np.ndarray]] = {"float": [], "quant": []}
     samples = 0
     for run, batch in enumerate(data, start=1):

@@ -17,6 +17,7 @@ import onnx
 from qdq import __version__
 from qdq.calibrate.collect import collect_ranges
 from qdq.calibrate.data import DataLike, Dataset, input_specs, open_data
+from qdq.check import check_model
 from qdq.compare import Comparison, compare_models
 from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, OutputError
@@ -201,9 +202,15 @@ def stamp_metadata(model: onnx.ModelProto, config: QuantizeConfig, report: Repor
 
 
 def check_quantized(model: onnx.ModelProto) -> None:
-    """The output must pass ONNX's full check and load in ONNX Runtime; anything else is qdq's bug."""
+    """The output must pass ONNX's full check, TensorRT's rules, and load in ONNX Runtime; else it is qdq's bug."""
     try:
         check_in_memory(model, full=True)
     except onnx.checker.ValidationError as exc:
         raise OutputError(f"the quantized model fails the ONNX checker: {first_line(exc)}") from exc
+    findings = check_model(model)
+    if errors := [f for f in findings if f.severity == "error"]:
+        raise OutputError(f"the quantized model breaks {len(errors)} TensorRT rules (a qdq bug, please report): "
+                          + "; ".join(map(str, errors[:3])))
+    for finding in findings:
+        log.warning("%s", finding)
     make_session(model, what="the quantized model")
