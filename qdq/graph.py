@@ -71,3 +71,52 @@ def fresh_name(base: str, taken: set[str]) -> str:
         name = f"{base}_{k}"
     taken.add(name)
     return name
+
+
+# Initializers above this size are left out of structure-only copies (shape inference, opset conversion).
+SMALL_INITIALIZER_BYTES = 1 << 16
+
+
+def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model whose large initializers are replaced by typed graph inputs (no weight data).
+
+    ONNX's shape inference and version converter serialise the whole model: this keeps them fast, and working
+    on models over 2 GB. :func:`restore_weights` puts the initializers back after a conversion.
+    """
+    src = model.graph
+    graph = onnx.GraphProto(name=src.name)
+    graph.node.extend(src.node)
+    graph.input.extend(src.input)
+    graph.output.extend(src.output)
+    graph.value_info.extend(src.value_info)
+    declared = {i.name for i in src.input}
+    for init in src.initializer:
+        if tensor_bytes(init) <= SMALL_INITIALIZER_BYTES:
+            graph.initializer.append(init)
+        elif init.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    light = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    light.functions.extend(model.functions)
+    return light
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's data size from its dims and type (ByteSize() walks the whole message: slow on big weights)."""
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 4
+    return count * itemsize
+
+
+def restore_weights(converted: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Put back into ``converted`` (a converted structure-only copy) the large initializers of ``original``."""
+    present = {i.name for i in converted.graph.initializer}
+    large = [i for i in original.graph.initializer if i.name not in present]
+    names = {i.name for i in large}
+    declared = {i.name for i in original.graph.input}
+    inputs = [i for i in converted.graph.input if i.name not in names or i.name in declared]
+    del converted.graph.input[:]
+    converted.graph.input.extend(inputs)
+    converted.graph.initializer.extend(large)
+    return converted

@@ -39,13 +39,12 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelPr
         if path.stat().st_size == 0:
             raise ModelError(f"{path}: the file is empty, not an ONNX model")
         try:
-            model = onnx.load(str(path), load_external_data=True)
-        except onnx.checker.ValidationError as exc:  # raised for external data that is missing or misplaced
-            raise ModelError(f"{path}: its external data cannot be read ({first_line(exc)})") from exc
+            model = onnx.load(str(path), load_external_data=False)
         except (DecodeError, RuntimeError, ValueError) as exc:
             raise ModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
         except OSError as exc:
-            raise ModelError(f"{path}: its external data cannot be read ({first_line(exc)})") from exc
+            raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        load_external_weights(model, path)
     if not model.graph.node:
         raise ModelError(f"{where}: the graph has no nodes (is this an ONNX model?)")
     try:
@@ -56,6 +55,35 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelPr
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"{where}: invalid ONNX model: {first_line(exc)}") from exc
     return model
+
+
+def load_external_weights(model: onnx.ModelProto, path: Path) -> None:
+    """Read the weights a model keeps in external files, refusing any location outside the model's folder.
+
+    A location that is absolute, climbs out with ``..`` or resolves (through a symlink) outside the folder could
+    make qdq read an arbitrary file: such models are refused.
+    """
+    folder = path.resolve().parent
+    for tensor in external_tensors(model):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts or not target.is_relative_to(
+                folder):
+            raise ModelError(f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the "
+                             "model's folder; refusing to read it (move the data file next to the model)")
+        if not target.is_file():
+            raise ModelError(f"{path}: tensor {tensor.name!r} needs the external data file {location!r}, which is "
+                             f"not in {folder}")
+    try:
+        load_external_data_for_model(model, str(folder))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelError(f"{path}: its external data cannot be read ({first_line(exc)})") from exc
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
 
 
 def check_in_memory(model: onnx.ModelProto, *, full: bool) -> None:

@@ -111,6 +111,9 @@ def quantize(
     evaluation = None if evaluation_data is None else open_data(evaluation_data, specs, config.batch_size)
 
     plan = plan_quantization(prepared, config.placement())
+    if control := [n.name for n in prepared.graph.node if n.op_type in ("If", "Loop", "Scan")]:
+        notes.append(f"{len(control)} control-flow nodes ({', '.join(control[:3])}): their subgraphs are left float")
+        log.warning("%s", notes[-1])
     if not plan:
         notes.append("nothing to quantize: the model has no Conv, ConvTranspose, Gemm or MatMul on float32 "
                      "tensors; the output is the prepared float model")
@@ -213,4 +216,4 @@ def check_quantized(model: onnx.ModelProto) -> None:
                           + "; ".join(map(str, errors[:3])))
     for finding in findings:
         log.warning("%s", finding)
-    make_session(model, what="the quantized model")
+    make_session(model, optimize=False, what="the quantized model")  # a load check; no DQ folding

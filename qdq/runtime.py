@@ -2,51 +2,68 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
+import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import EncodeError
-from onnx.external_data_helper import load_external_data_for_model
+from onnx import numpy_helper
 
 from qdq.errors import ModelError
+from qdq.graph import SMALL_INITIALIZER_BYTES, structure_only, tensor_bytes
 from qdq.model_io import first_line
 
+# From this much weight on, large weights are fed to ONNX Runtime as inputs, zero-copy, instead of serialised
+# into the model (which protobuf cannot do past 2 GB) and copied again by ORT: memory stays near 2x the weights.
+LARGE_MODEL_BYTES = 1 << 30
 
-def make_session(model: onnx.ModelProto, *, optimize: bool = True, what: str = "the model") -> ort.InferenceSession:
+
+class Session:
+    """An ONNX Runtime session, plus the weights it is fed with every run (for models of 1 GB or more)."""
+
+    def __init__(self, inner: ort.InferenceSession, weights: dict[str, np.ndarray]) -> None:
+        self.inner, self.weights = inner, weights
+
+    def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.inner.run(names, {**feeds, **self.weights} if self.weights else feeds)
+
+    def get_outputs(self) -> list:
+        return self.inner.get_outputs()
+
+    def get_inputs(self) -> list:
+        return [i for i in self.inner.get_inputs() if i.name not in self.weights]
+
+
+def make_session(model: onnx.ModelProto, *, optimize: bool = True, what: str = "the model") -> Session:
     """An ORT CPU session for ``model``.
 
     ``optimize=True`` applies all of ORT's graph optimisations (fusions such as Conv+BatchNorm+Relu; they change
-    results only by float rounding); ``optimize=False`` computes exactly the graph's ops. Models too large for
-    one protobuf go through a temporary folder with external data.
+    results only by float rounding); ``optimize=False`` computes exactly the graph's ops.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4  # qdq reports failures itself, in one line
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
+    weights: dict[str, np.ndarray] = {}
+    if sum(tensor_bytes(i) for i in model.graph.initializer) >= LARGE_MODEL_BYTES:
+        model, weights = weights_as_inputs(model)
     try:
-        try:
-            serialized = model.SerializeToString()
-        except EncodeError:  # 2 GB or more: protobuf cannot hold it in one message
-            return _session_via_files(model, options)
-        return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        inner = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
         raise ModelError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from exc
+    return Session(inner, weights)
 
 
-def _session_via_files(model: onnx.ModelProto, options: ort.SessionOptions) -> ort.InferenceSession:
-    workdir = tempfile.mkdtemp(prefix="qdq-ort-")
-    try:
-        path = Path(workdir) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-        # Saving moved the weights out of the proto: put them back so the caller's model stays whole.
-        load_external_data_for_model(model, workdir)
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+def weights_as_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model with its large initializers turned into graph inputs, and their values to feed."""
+    light = structure_only(model)
+    declared = {i.name for i in light.graph.input}
+    weights = {}
+    for init in model.graph.initializer:
+        if tensor_bytes(init) > SMALL_INITIALIZER_BYTES:
+            weights[init.name] = numpy_helper.to_array(init)
+            if init.name not in declared:
+                light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    return light, weights
 
 
 def output_types(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
@@ -59,7 +76,7 @@ def output_types(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
 
 
 def session_exposing(model: onnx.ModelProto, names: list[str], *, optimize: bool = True,
-                     what: str = "the model") -> ort.InferenceSession:
+                     what: str = "the model") -> Session:
     """A session whose outputs are exactly ``names`` (types left for ORT to infer).
 
     The graph's outputs are swapped for the session's sake and restored: no copy of the weights is made.

@@ -179,3 +179,10 @@ def test_cli_method_options(tmp_path, capsys):
     assert main(["ranges", str(DIGITS / "digits.onnx"), "--calib", str(DIGITS / "calib.npz"), "-o", str(out),
                  "--method", "percentile", "--percentile", "120"]) == 2
     assert "percentile must be in (0, 100]" in capsys.readouterr().err
+
+
+def test_entropy_keeps_a_sigmoids_narrow_band(rng):
+    # Sigmoid(ReLU(x)) lies in [0.5, 1): KL alone would clip at 0.5, a threshold that drops half the values.
+    x = 1 / (1 + np.exp(-np.maximum(rng.normal(size=200_000), 0)))
+    h = histogram(x)
+    assert amax_entropy(h) >= amax_percentile(h, 99.9) > 0.9

@@ -45,3 +45,30 @@ def test_model_without_nodes_is_refused():
     empty = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
     with pytest.raises(ModelError, match="no nodes"):
         model_io.load_model(empty)
+
+
+def external_model(folder, location: str):
+    """The sample model with its weights in an external file, then pointed at ``location``."""
+    model = onnx.load(str(DIGITS / "digits.onnx"))
+    onnx.save_model(model, str(folder / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    saved = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    for tensor in saved.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    (folder / "m.onnx").write_bytes(saved.SerializeToString())
+    return folder / "m.onnx"
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, where):
+    inside = tmp_path / "model"
+    inside.mkdir()
+    secret = tmp_path / "secret.data"
+    secret.write_bytes(b"\0" * 1_000_000)
+    location = {"parent": "../secret.data", "absolute": str(secret), "symlink": "link.data"}[where]
+    if where == "symlink":
+        (inside / "link.data").symlink_to(secret)
+    path = external_model(inside, location)
+    with pytest.raises(ModelError, match="outside the model's folder"):
+        model_io.load_model(path)

@@ -10,6 +10,7 @@ from qdq.calibrate.histogram import Histogram
 
 START_BIN = 128  # the first candidate threshold, in bins (TensorRT's entropy calibration)
 LEVELS = 128  # int8 levels on one side of zero
+ENTROPY_MIN_KEPT = 99.9  # percent of |x| the entropy threshold always keeps unclipped
 
 
 def amax_percentile(hist: Histogram, percentile: float) -> float:
@@ -36,7 +37,8 @@ def amax_entropy(hist: Histogram) -> float:
     pseudo-count of one sample there instead of 0 (smoothing, as ncnn and MXNet do with an epsilon): otherwise
     KL is infinite for every threshold in a gap between the bulk and a few far outliers, and the threshold lands
     on an outlier. A threshold with fewer than two non-empty bins below it is never chosen: P and Q would both be
-    one spike, with KL 0 however much is clipped (seen on 4-bit pixel data).
+    one spike, with KL 0 however much is clipped (seen on 4-bit pixel data). And the threshold never clips more
+    than 0.1% of the values: on a Sigmoid's outputs, all in [0.5, 1), KL favoured clipping half of them.
     Computed in closed form from prefix sums, all candidates at once: O(candidates × 128).
     """
     if hist.top == 0.0:
@@ -45,7 +47,10 @@ def amax_entropy(hist: Histogram) -> float:
     counts[0] = counts[1]
     divergence = kl_divergences(counts)
     best = len(divergence) - 1 - int(np.argmin(divergence[::-1]))
-    return min(float(hist.edges()[START_BIN + best]), hist.amax)
+    threshold = float(hist.edges()[START_BIN + best])
+    # KL sees shapes, not magnitudes: for data in a narrow band away from zero (a Sigmoid's [0.5, 1)) a
+    # threshold at the band's start looks lossless while clipping half the values. Never clip more than 0.1%.
+    return min(max(threshold, amax_percentile(hist, ENTROPY_MIN_KEPT)), hist.amax)
 
 
 def xlogx(x: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
-from qdq.graph import export_model, import_graph
+from qdq.graph import export_model, import_graph, tensor_bytes
+from qdq.model_io import EXTERNAL_DATA_THRESHOLD
 from qdq.passes.base import PassResult
 
 
@@ -19,6 +20,9 @@ class FoldConstants:
     name = "fold-constants"
 
     def run(self, model: onnx.ModelProto) -> PassResult:
+        if sum(tensor_bytes(i) for i in model.graph.initializer) >= EXTERNAL_DATA_THRESHOLD:
+            # graphsurgeon folds through a serialised copy, which protobuf cannot make of 2 GB.
+            return PassResult(model, modified=False, notes=("constant folding skipped: the model is over 1.8 GB",))
         # graphsurgeon folds through ORT sessions of its own; keep ORT's optimiser chatter off the terminal.
         ort.set_default_logger_severity(3)
         graph = import_graph(model)

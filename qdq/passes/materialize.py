@@ -76,7 +76,7 @@ class QdqWriter:
 
     def weight(self, source: gs.Constant, axis: int | None, *, int8: bool) -> gs.Variable:
         """A constant weight quantized from its own values (per channel along ``axis``, or per tensor)."""
-        values = source.values
+        values = load_uncached(source)
         amax = weight_amax(values, axis)
         scale = symmetric_scale(amax)
         where = "per tensor" if axis is None else f"per channel, axis {axis}"
@@ -107,3 +107,9 @@ class QdqWriter:
     def fresh(self, name: str) -> str:
         return fresh_name(name, self.taken)
 
+
+
+def load_uncached(constant: gs.Constant) -> np.ndarray:
+    """A constant's values without graphsurgeon keeping them: each float weight is read, quantized and freed."""
+    lazy = constant._values  # graphsurgeon caches ``.values`` on the Constant; the lazy loader does not
+    return lazy.load() if isinstance(lazy, gs.ir.tensor.LazyValues) else constant.values

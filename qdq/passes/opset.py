@@ -6,7 +6,7 @@ import onnx
 from onnx import version_converter
 
 from qdq.errors import ModelError
-from qdq.graph import default_opset
+from qdq.graph import default_opset, restore_weights, structure_only
 from qdq.model_io import first_line
 from qdq.passes.base import PassResult
 
@@ -28,7 +28,7 @@ class UpgradeOpset:
         if current >= self.minimum:
             return PassResult(model, modified=False)
         try:
-            upgraded = version_converter.convert_version(model, self.minimum)
+            upgraded = restore_weights(version_converter.convert_version(structure_only(model), self.minimum), model)
         except Exception as exc:  # the converter raises ConvertError, RuntimeError or IndexError
             raise ModelError(
                 f"the model's opset {current} is below {self.minimum}, which per-channel Q/DQ needs, and ONNX's "
