@@ -6,7 +6,7 @@ Each measurement runs in a fresh subprocess (peak RSS is per process). Run by ha
     python benchmarks/calibration.py --quick         # 64 samples only
 
 Models: a ResNet-50 (the ONNX wheel's topology, random weights, dynamic batch) at 224×224 and a BERT-style encoder
-(4 layers, hidden 256, 4 heads, sequence 128), both fed in batches of 8 from an .npz file on disk.
+(6 layers, hidden 512, 8 heads, sequence 128), both fed in batches of 8 from an .npz file on disk.
 Baseline: an ORT session with default optimisations running the float model over the same batches.
 """
 
@@ -48,7 +48,7 @@ def resnet50() -> onnx.ModelProto:
 def encoder() -> onnx.ModelProto:
     from encoder import build_encoder
 
-    return build_encoder(layers=4, hidden=256, heads=4, seq=128)
+    return build_encoder(layers=6, hidden=512, heads=8, seq=128)
 
 
 def prepare_files(name: str, samples: int) -> tuple[Path, Path]:
