@@ -104,8 +104,8 @@ def check_scale_and_zero_point(node: onnx.NodeProto, graph: _Graph) -> Iterator[
         yield Finding("error", "scale-constant", name, f"scale {node.input[1] if len(node.input) > 1 else '?'} is "
                       "not a constant: TensorRT needs constant scales")
         return
-    if scale.dtype != np.float32:
-        yield Finding("warning", "scale-dtype", name, f"scale is {scale.dtype}; float32 is what TensorRT expects")
+    if scale.dtype not in (np.float32, np.float16) and str(scale.dtype) != "bfloat16":
+        yield Finding("error", "scale-dtype", name, f"scale is {scale.dtype}; TensorRT takes float32 (or float16)")
     if scale.ndim > 1:
         yield Finding("error", "scale-shape", name, f"scale has shape {list(scale.shape)}: a scalar or 1-D is needed")
     values = scale.astype(np.float64).reshape(-1)

@@ -18,7 +18,7 @@ from pathlib import Path
 from qdq import __version__
 from qdq.check import check_model
 from qdq.compare import Comparison, load_labels
-from qdq.config import METHODS, WEIGHT_FORMATS, QuantizeConfig
+from qdq.config import HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS, QuantizeConfig
 from qdq.errors import QdqError
 from qdq.model_io import check_writable, load_model
 from qdq.quantize import QuantizeResult, calibrate, explain, quantize
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", choices=WEIGHT_FORMATS, default="int8",
                    help="store quantized weights as int8 + DequantizeLinear (default, 4x smaller) or float + Q/DQ")
     add_placement_args(q)
+    q.add_argument("--high-precision", choices=HIGH_PRECISIONS, default="fp32",
+                   help="precision of the parts left out of INT8: fp32 (default) or fp16, with normalisations, "
+                        "Softmax, reductions and exp/log/pow kept in fp32")
     q.add_argument("--explain", action="store_true", help="print each node's placement decision and reason")
     q.add_argument("--ranges", type=Path, metavar="FILE",
                    help="known ranges: name:amax text, TensorRT calibration cache or qdq JSON; tensors it lacks "
@@ -181,7 +184,7 @@ def make_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
 
 def run_quantize(args: argparse.Namespace) -> int:
     output = check_writable(args.output, not_same_as=args.model)  # fail before the long work
-    config = make_config(args, weights=args.weights)
+    config = make_config(args, weights=args.weights, high_precision=args.high_precision)
     ranges = read_ranges(args.ranges, args.ranges_format) if args.ranges else None
     labels = load_labels(args.labels) if args.labels else None
     evaluation = args.eval or args.calib

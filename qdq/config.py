@@ -12,6 +12,7 @@ from qdq.placement.planner import PlacementOptions
 
 WeightFormat = Literal["int8", "float"]
 WEIGHT_FORMATS: tuple[str, ...] = ("int8", "float")
+HIGH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 METHODS: tuple[str, ...] = ("entropy", "max", "percentile", "mse")
 
 
@@ -39,6 +40,9 @@ class QuantizeConfig:
         exclude_op_types: op types that stay float.
         include_op_types: op types to quantize besides the defaults (e.g. ``Add``, ``Mul``, ``Resize``): their
             float activation inputs get Q/DQ, except in normalisation/GELU/Softmax regions and masks.
+        high_precision: the precision of what is not INT8. ``fp32`` leaves the float parts as they are (strongly
+            typed TensorRT runs them in FP32); ``fp16`` casts them to FP16 except normalisations, Softmax,
+            reductions and exp/log/pow, and raises the opset to 19 for FP16 Q/DQ scales.
     """
 
     method: str = "entropy"
@@ -51,6 +55,7 @@ class QuantizeConfig:
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     include_op_types: tuple[str, ...] = ()
+    high_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for field in ("exclude_nodes", "exclude_op_types", "include_op_types"):
@@ -74,6 +79,8 @@ class QuantizeConfig:
             raise ValueError(f"max_tensors_per_pass must be a positive integer, got {self.max_tensors_per_pass!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.high_precision not in HIGH_PRECISIONS:
+            raise ValueError(f"high_precision must be one of {', '.join(HIGH_PRECISIONS)}, got {self.high_precision!r}")
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
 

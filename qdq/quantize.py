@@ -25,6 +25,7 @@ from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.passes.base import run_passes
 from qdq.passes.fold_batchnorm import FoldBatchNorm
 from qdq.passes.fold_constants import FoldConstants
+from qdq.passes.high_precision import CastToFP16
 from qdq.passes.identities import RemoveIdentities
 from qdq.passes.materialize import MaterializeQDQ
 from qdq.passes.names import NameNodes
@@ -93,7 +94,7 @@ def quantize(
         model: a path to an ``.onnx`` file or a ModelProto (never modified).
         calibration_data: an ``.npz`` path, a folder of them, ``{input: array}``, or an iterable of such dicts
             (each fed as one run). Needed unless ``ranges`` covers every tensor to quantize.
-        config: options; the defaults are max calibration and int8 per-channel weights.
+        config: options; the defaults are entropy calibration and int8 per-channel weights.
         ranges: known amax per tensor; tensors it lacks are calibrated.
         evaluation_data: data to compare the float and quantized models on (same forms as calibration_data).
         labels: class labels for ``evaluation_data``, for accuracy.
@@ -123,6 +124,9 @@ def quantize(
     used = plan_ranges(prepared, plan, calibration, config, ranges, notes, progress=progress)
 
     quantized = MaterializeQDQ(plan, used, weights=config.weights).run(prepared).model
+    if config.high_precision == "fp16":
+        quantized, fp16_notes = run_passes(quantized, [CastToFP16()])
+        notes.extend(fp16_notes)
     report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(used), len(plan.weights()),
                     tuple(notes))
     stamp_metadata(quantized, config, report, used)

@@ -44,7 +44,7 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[Pass]) -> tuple[onnx.Mod
             raise
         except Exception as exc:
             after = f" (after {', '.join(done)})" if done else ""
-            raise ModelError(f"preparing the model failed in pass {p.name}{after}: {first_line(exc)}") from exc
+            raise ModelError(f"pass {p.name}{after} failed: {first_line(exc)}") from exc
         for note in result.notes:
             log.info("%s", note)
         notes.extend(result.notes)

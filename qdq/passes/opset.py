@@ -35,5 +35,6 @@ class UpgradeOpset:
                 f"version converter could not upgrade it: {first_line(exc)}; re-export the model at opset "
                 f"{self.minimum} or later"
             ) from exc
-        upgraded.ir_version = max(upgraded.ir_version, MIN_IR_FOR_OPSET_13)
+        upgraded.ir_version = max(upgraded.ir_version, MIN_IR_FOR_OPSET_13,
+                                  onnx.helper.find_min_ir_version_for(list(upgraded.opset_import)))
         return PassResult(upgraded, modified=True, notes=(f"opset raised from {current} to {self.minimum}",))

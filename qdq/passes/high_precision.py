@@ -1,0 +1,179 @@
+"""Cast the float parts of a Q/DQ model to FP16, so that strongly typed TensorRT runs them in FP16.
+
+TensorRT 11 runs every tensor in the precision the graph gives it: the float parts of an INT8 model run in FP32
+unless the graph says FP16. This pass says so, node by node:
+
+- Ops whose FP16 results are fragile stay FP32: normalisations, Softmax, reductions, Exp/Log/Pow/Sqrt/Erf, the
+  elementwise ops around them (decomposed LayerNorm, GELU) and Adds of masks (-1e4, -inf). Another tool's
+  cast-everything default cost 4-13 dB SQNR and broke a sentence encoder (../shared/specs/placement.md).
+- A Q/DQ pair takes the precision of the layer it feeds: FP16 scales (opset 19) make its DequantizeLinear output
+  FP16, so the INT8 layer writes FP16 and no Cast sits between DQ and the layer (which would stop the fusion).
+- Graph inputs and outputs keep their types (Casts at the edges); float32 initializers read in FP16 are stored
+  in FP16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qdq.graph import fresh_name
+from qdq.passes.base import PassResult
+from qdq.passes.opset import UpgradeOpset
+
+FP32, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
+KEEP_FP32_OPS = frozenset({
+    "LayerNormalization", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "LpNormalization",
+    "Softmax", "LogSoftmax", "ReduceMean", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+    "ReduceLogSumExp", "ReduceSumSquare", "ReduceMax", "ReduceMin", "Exp", "Log", "Pow", "Sqrt", "Reciprocal",
+    "Erf", "Range", "CumSum", "TopK", "NonMaxSuppression", "RoiAlign", "If", "Loop", "Scan", "Constant",
+    "ConstantOfShape", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+})
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
+QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+FP16_MIN_OPSET = 19  # DequantizeLinear with a float16 scale (and so a float16 output)
+
+
+class CastToFP16:
+    """Run the non-quantized float parts of the graph in FP16, keeping sensitive ops in FP32 (see the module)."""
+
+    name = "high-precision-fp16"
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        model = UpgradeOpset(FP16_MIN_OPSET).run(model).model
+        types = tensor_types(model)
+        half = {n.name: wants_fp16(n, model, types) for n in model.graph.node}
+        settle_qdq(model, half)
+        kept = sum(1 for n in model.graph.node if n.op_type not in QDQ and not half[n.name] and float_node(n, types))
+        converted = rewrite(model, half, types)
+        note = (f"float parts cast to FP16: {sum(half.values())} nodes in FP16, {kept} float nodes kept in FP32 "
+                "(normalisations, Softmax, reductions, exp/log/pow and their neighbours)")
+        return PassResult(converted, modified=True, notes=(note,))
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor, after shape inference (which rewrite needs anyway)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {}
+    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if info.type.HasField("tensor_type"):
+            types[info.name] = info.type.tensor_type.elem_type
+    for init in model.graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def float_node(node: onnx.NodeProto, types: dict[str, int]) -> bool:
+    return any(types.get(t) == FP32 for t in (*node.input, *node.output) if t)
+
+
+def wants_fp16(node: onnx.NodeProto, model: onnx.ModelProto, types: dict[str, int]) -> bool:
+    if node.op_type in QDQ or node.op_type in KEEP_FP32_OPS or node.domain not in ("", "ai.onnx"):
+        return False
+    if not float_node(node, types) or node.op_type == "Cast":
+        return False
+    if node.op_type in ELEMENTWISE and near_fp32_core(node, model):
+        return False
+    return not (node.op_type == "Add" and reads_mask(node, model))
+
+
+def near_fp32_core(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+    """An elementwise op reading from or feeding a kept-FP32 op: part of a decomposed LayerNorm or GELU."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    readers = [n for n in model.graph.node if set(n.input) & set(node.output)]
+    sources = [made_by[t] for t in node.input if t in made_by]
+    return any(n.op_type in KEEP_FP32_OPS - {"Constant", "ConstantOfShape"} for n in (*readers, *sources))
+
+
+def reads_mask(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+    constants = {i.name: i for i in model.graph.initializer}
+    for name in node.input:
+        if name in constants:
+            values = numpy_helper.to_array(constants[name])
+            if values.size <= 16 and values.dtype.kind == "f" and np.any(np.abs(values) >= 1e4):
+                return True
+    return any(n.op_type == "Softmax" for n in model.graph.node if set(n.input) & set(node.output))
+
+
+def settle_qdq(model: onnx.ModelProto, half: dict[str, bool]) -> None:
+    """A DQ is FP16 when any layer it feeds is; its Q follows it. Weight DQs follow their layer too."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            half[node.name] = any(half.get(r.name, False) for r in readers.get(node.output[0], []))
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            half[node.name] = any(half[dq.name] for dq in readers.get(node.output[0], [])
+                                  if dq.op_type == "DequantizeLinear")
+
+
+def rewrite(model: onnx.ModelProto, half: dict[str, bool], types: dict[str, int]) -> onnx.ModelProto:
+    """Give each float tensor its producer's precision, cast where a consumer wants the other, convert weights."""
+    graph = model.graph
+    taken = {t for n in graph.node for t in (*n.input, *n.output)} | {n.name for n in graph.node}
+    initializers = {i.name: i for i in graph.initializer}
+    produced_half = {o for n in graph.node if half[n.name] for o in n.output if types.get(o) == FP32}
+    casts: dict[tuple[str, int], str] = {}
+    new_nodes, new_inits = [], []
+
+    def cast(name: str, to: int) -> str:
+        if (name, to) not in casts:
+            out = fresh_name(f"{name}_{'fp16' if to == FP16 else 'fp32'}", taken)
+            new_nodes.append(helper.make_node("Cast", [name], [out], name=fresh_name(f"{out}_Cast", taken), to=to))
+            casts[(name, to)] = out
+        return casts[(name, to)]
+
+    def half_initializer(name: str) -> str:
+        if (name, FP16) not in casts:
+            out = fresh_name(f"{name}_fp16", taken)
+            values = numpy_helper.to_array(initializers[name]).astype(np.float16)
+            new_inits.append(numpy_helper.from_array(values, out))
+            casts[(name, FP16)] = out
+        return casts[(name, FP16)]
+
+    scale_slots = {"QuantizeLinear": (1,), "DequantizeLinear": (1,)}
+    for node in graph.node:
+        wanted = FP16 if half[node.name] else FP32
+        for i, name in enumerate(node.input):
+            if not name or types.get(name) not in (FP32, FP16):
+                continue
+            if node.op_type == "DequantizeLinear" and i == 0:
+                continue  # the int8 input
+            current = FP16 if name in produced_half else types[name]
+            if i in scale_slots.get(node.op_type, ()) or current != wanted:
+                if name in initializers and wanted == FP16:
+                    node.input[i] = half_initializer(name)
+                elif current != wanted:
+                    node.input[i] = cast(name, wanted)
+    # Graph outputs keep their float32 type: an FP16 producer writes to a renamed tensor, cast back.
+    for output in graph.output:
+        if output.name in produced_half:
+            inner = fresh_name(f"{output.name}_fp16", taken)
+            for node in graph.node:
+                node.output[:] = [inner if o == output.name else o for o in node.output]
+                node.input[:] = [inner if i == output.name else i for i in node.input]
+            new_nodes.append(helper.make_node("Cast", [inner], [output.name], name=f"{output.name}_Cast", to=FP32))
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    del graph.value_info[:]
+    sort_topologically(graph)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def sort_topologically(graph: onnx.GraphProto) -> None:
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("the graph has a cycle or a dangling input")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
