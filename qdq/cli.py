@@ -16,12 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qdq import __version__
+from qdq.calibrate.data import input_specs, open_data
 from qdq.check import check_model
-from qdq.compare import Comparison, load_labels
+from qdq.compare import Comparison, attribute_error, compare_models, load_labels
 from qdq.config import HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS, QuantizeConfig
 from qdq.errors import QdqError
+from qdq.inspect import inspect_model
 from qdq.model_io import check_writable, load_model
-from qdq.quantize import QuantizeResult, calibrate, explain, quantize
+from qdq.quantize import QuantizeResult, calibrate, explain, quantize, sensitivity
 from qdq.range_files import FORMATS, format_for_path, read_ranges, write_ranges
 
 log = logging.getLogger("qdq")
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--high-precision", choices=HIGH_PRECISIONS, default="fp32",
                    help="precision of the parts left out of INT8: fp32 (default) or fp16, with normalisations, "
                         "Softmax, reductions and exp/log/pow kept in fp32")
+    q.add_argument("--target-sqnr", type=float, metavar="DB",
+                   help="leave the most sensitive layers float until the first output's SQNR on --eval reaches DB")
     q.add_argument("--explain", action="store_true", help="print each node's placement decision and reason")
     q.add_argument("--ranges", type=Path, metavar="FILE",
                    help="known ranges: name:amax text, TensorRT calibration cache or qdq JSON; tensors it lacks "
@@ -118,6 +122,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify", metavar="DATA", help="run the engine on DATA and compare with ONNX Runtime")
     b.add_argument("--batch-size", type=int, metavar="N", help="samples per run for --verify")
     b.set_defaults(run=run_build)
+
+    cmp = commands.add_parser("compare", parents=[common], help="compare a quantized model with the float one",
+                              description="Per output: SQNR, cosine similarity, max and mean abs error, top-1 "
+                                          "agreement; accuracy with --labels; with --per-tensor, the quantized "
+                                          "tensors that add the most error.")
+    cmp.add_argument("float_model", type=Path, help="float ONNX model")
+    cmp.add_argument("quant_model", type=Path, help="quantized ONNX model")
+    cmp.add_argument("--data", required=True, metavar="DATA", help="evaluation data (.npz or a folder of them)")
+    cmp.add_argument("--labels", type=Path, metavar="FILE", help=".npy of class labels, for accuracy")
+    cmp.add_argument("--batch-size", type=int, metavar="N", help="samples per run for a dynamic batch axis")
+    cmp.add_argument("--per-tensor", type=int, nargs="?", const=10, metavar="N",
+                     help="also list the N quantized tensors (default 10) that add the most error")
+    cmp.add_argument("--json", action="store_true", help="print the results as JSON")
+    cmp.set_defaults(run=run_compare)
+
+    sens = commands.add_parser("sensitivity", parents=[common], help="rank layers by the accuracy they cost",
+                               description="Quantize one layer at a time, and all but one layer at a time, and "
+                                           "rank the layers by the first output's SQNR against the float model.")
+    sens.add_argument("model", type=Path, help="float ONNX model")
+    add_data_args(sens, evaluation=False)
+    sens.add_argument("--eval", metavar="DATA", help="data to measure on (default: --calib)")
+    add_method_args(sens)
+    add_placement_args(sens)
+    sens.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    sens.set_defaults(run=run_sensitivity)
+
+    ins = commands.add_parser("inspect", parents=[common], help="list a quantized model's Q/DQ pairs and scales",
+                              description="Q/DQ pairs, per-channel or per-tensor, the scale table, the ops that "
+                                          "take int8 inputs, and the weighted layers left float (with qdq's "
+                                          "reasons when qdq made the model). Works on models from other tools.")
+    ins.add_argument("model", type=Path, help="quantized ONNX model")
+    ins.add_argument("--json", action="store_true", help="print as JSON")
+    ins.set_defaults(run=run_inspect)
 
     r = commands.add_parser("ranges", parents=[common], help="collect ranges, or convert a range file",
                             description="Calibrate a model and write its ranges, or convert a range file between "
@@ -184,7 +221,7 @@ def make_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
 
 def run_quantize(args: argparse.Namespace) -> int:
     output = check_writable(args.output, not_same_as=args.model)  # fail before the long work
-    config = make_config(args, weights=args.weights, high_precision=args.high_precision)
+    config = make_config(args, weights=args.weights, high_precision=args.high_precision, target_sqnr=args.target_sqnr)
     ranges = read_ranges(args.ranges, args.ranges_format) if args.ranges else None
     labels = load_labels(args.labels) if args.labels else None
     evaluation = args.eval or args.calib
@@ -235,6 +272,44 @@ def quantized_node_names(model) -> set[str]:
     return {n.name for n in model.graph.node if n.op_type != "QuantizeLinear" and set(n.input) & dequantized}
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    float_model, quant_model = load_model(args.float_model), load_model(args.quant_model)
+    specs = input_specs(float_model)
+    labels = load_labels(args.labels) if args.labels else None
+    comparison = compare_models(float_model, quant_model, open_data(args.data, specs, args.batch_size), labels)
+    errors = [] if args.per_tensor is None else attribute_error(
+        float_model, quant_model, open_data(args.data, specs, args.batch_size))[:args.per_tensor]
+    if args.json:
+        doc = comparison.to_dict() | {"tensors": [
+            {"tensor": e.tensor, "local": vars(e.local), "total": vars(e.total), "worst_channel": e.worst_channel,
+             "worst_channel_db": e.worst_channel_db} for e in errors]}
+        print(json.dumps(doc, indent=1))
+        return 0
+    print_comparison(comparison, args.data, full=True)
+    if errors:
+        print("quantized tensors adding the most error (SQNR of the Q/DQ output against its input: whole tensor "
+              "and worst channel; and against the float model):")
+        for e in errors:
+            print(f"  {e.tensor:<40} added {e.local.sqnr_db:7.2f} dB (channel {e.worst_channel}: "
+                  f"{e.worst_channel_db:7.2f} dB)   accumulated {e.total.sqnr_db:7.2f} dB")
+    return 0
+
+
+def run_sensitivity(args: argparse.Namespace) -> int:
+    if not args.calib:
+        raise UsageError("sensitivity needs --calib DATA (and optionally --eval DATA)")
+    report = sensitivity(args.model, args.calib, args.eval or args.calib, config=make_config(args),
+                         progress=not args.quiet)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.describe())
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    found = inspect_model(load_model(args.model))
+    print(json.dumps(found.to_dict(), indent=1) if args.json else found.describe())
+    return 0
+
+
 def run_check(args: argparse.Namespace) -> int:
     findings = check_model(load_model(args.model))
     errors = sum(f.severity == "error" for f in findings)
@@ -273,13 +348,15 @@ def print_summary(result: QuantizeResult, output: Path, evaluation: str | None) 
     print(f"wrote {output} ({size / 1e6:.2f} MB) in {report.seconds:.1f} s")
 
 
-def print_comparison(comparison: Comparison, source: str | None) -> None:
+def print_comparison(comparison: Comparison, source: str | None, *, full: bool = False) -> None:
     print(f"int8 vs float on {comparison.samples} samples of {source}:")
     width = max(len("output"), *(len(o.name) for o in comparison.outputs))
-    print(f"  {'output':<{width}}  {'SQNR dB':>8}  {'max abs err':>11}  {'top-1 agree':>11}")
+    extra = f"  {'cosine':>9}  {'mean abs err':>12}" if full else ""
+    print(f"  {'output':<{width}}  {'SQNR dB':>8}  {'max abs err':>11}  {'top-1 agree':>11}{extra}")
     for o in comparison.outputs:
         agree = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%"
-        print(f"  {o.name:<{width}}  {o.sqnr_db:>8.2f}  {o.max_abs_error:>11.4g}  {agree:>11}")
+        more = f"  {o.cosine:>9.6f}  {o.mean_abs_error:>12.4g}" if full else ""
+        print(f"  {o.name:<{width}}  {o.sqnr_db:>8.2f}  {o.max_abs_error:>11.4g}  {agree:>11}{more}")
     if comparison.float_accuracy is not None and comparison.quant_accuracy is not None:
         print(f"accuracy: float {100 * comparison.float_accuracy:.2f}%  int8 {100 * comparison.quant_accuracy:.2f}%")
 

@@ -1,4 +1,4 @@
-"""Float vs quantized: per-output error metrics and accuracy, accumulated batch by batch."""
+"""Float vs quantized: per-output metrics, accuracy, and per-tensor error attribution, accumulated batch by batch."""
 
 from __future__ import annotations
 
@@ -13,20 +13,22 @@ import onnx
 from qdq.calibrate.data import Dataset
 from qdq.errors import DataError
 from qdq.model_io import first_line
-from qdq.runtime import make_session
+from qdq.runtime import Session, make_session, session_exposing
 
 
 @dataclass(frozen=True)
 class OutputMetrics:
-    """How far one quantized output is from the float one over the evaluation data.
+    """How far one quantized tensor is from the float one over the evaluation data.
 
-    ``sqnr_db = 10·log10(Σ float² / Σ (float − quant)²)``; ``top1_agreement`` is set for ``[batch, classes]``
-    outputs: the share of samples whose argmax is the same.
+    ``sqnr_db = 10·log10(Σ float² / Σ (float − quant)²)``; ``cosine`` the cosine similarity of the two as flat
+    vectors; ``top1_agreement`` is set for ``[batch, classes]`` outputs: the share of samples with the same argmax.
     """
 
     name: str
     sqnr_db: float
     max_abs_error: float
+    mean_abs_error: float = 0.0
+    cosine: float = 1.0
     top1_agreement: float | None = None
 
 
@@ -37,54 +39,69 @@ class Comparison:
     float_accuracy: float | None = None
     quant_accuracy: float | None = None
 
+    def to_dict(self) -> dict:
+        return {"samples": self.samples, "float_accuracy": self.float_accuracy,
+                "quant_accuracy": self.quant_accuracy, "outputs": [vars(o) for o in self.outputs]}
+
 
 class OutputAccumulator:
-    """Running sums for one output's SQNR, max error and top-1 agreement."""
+    """Running sums for one tensor's SQNR, cosine, errors and top-1 agreement (O(1) memory)."""
 
     def __init__(self) -> None:
-        self.signal = self.noise = self.max_abs = 0.0
-        self.agree = self.rows = 0
+        self.signal = self.noise = self.test_energy = self.dot = self.abs_sum = self.max_abs = 0.0
+        self.count = self.agree = self.rows = 0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
-        ref64, diff = ref.astype(np.float64), ref.astype(np.float64) - test.astype(np.float64)
-        self.signal += float(np.sum(ref64 * ref64))
-        self.noise += float(np.sum(diff * diff))
-        self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))) if diff.size else 0.0)
+        ref64, test64 = ref.astype(np.float64).ravel(), test.astype(np.float64).ravel()
+        diff = ref64 - test64
+        self.signal += float(ref64 @ ref64)
+        self.test_energy += float(test64 @ test64)
+        self.dot += float(ref64 @ test64)
+        self.noise += float(diff @ diff)
+        self.abs_sum += float(np.abs(diff).sum())
+        self.count += diff.size
+        self.max_abs = max(self.max_abs, float(np.abs(diff).max()) if diff.size else 0.0)
         if is_classifier_output(ref):
             self.agree += int(np.sum(ref.argmax(-1) == test.argmax(-1)))
             self.rows += ref.shape[0]
 
     def metrics(self, name: str) -> OutputMetrics:
         sqnr = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
-        return OutputMetrics(name, sqnr, self.max_abs, self.agree / self.rows if self.rows else None)
+        norms = math.sqrt(self.signal * self.test_energy)
+        cosine = self.dot / norms if norms else (1.0 if self.noise == 0 else 0.0)
+        return OutputMetrics(name, sqnr, self.max_abs, self.abs_sum / max(self.count, 1), cosine,
+                             self.agree / self.rows if self.rows else None)
 
 
 def is_classifier_output(x: np.ndarray) -> bool:
     return x.ndim == 2 and x.shape[1] > 1 and np.issubdtype(x.dtype, np.floating)
 
 
-def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Dataset,
+def run(session: Session, names: list[str], batch, data: Dataset, run_number: int, what: str) -> list[np.ndarray]:
+    try:
+        return session.run(names, batch.feeds)
+    except Exception as exc:  # ORT's InvalidArgument / Fail
+        raise DataError(f"{data.name}: {what} failed on batch {run_number}: {first_line(exc)}") from exc
+
+
+def compare_models(float_model: onnx.ModelProto | Session, quant_model: onnx.ModelProto, data: Dataset,
                    labels: np.ndarray | None = None) -> Comparison:
     """Run both models on ``data`` with ONNX Runtime (CPU) and measure each output's error.
 
-    With ``labels`` (one class index per sample, in data order), the argmax of the first output gives the
-    accuracy of both models.
+    ``float_model`` may be a session already made (sensitivity analysis compares many quantized models with
+    one float model). With ``labels`` (one class index per sample, in data order), the argmax of the first output
+    gives the accuracy of both models.
     """
-    float_session = make_session(float_model, what="the float model")
+    float_session = float_model if isinstance(float_model, Session) else make_session(float_model,
+                                                                                       what="the float model")
     quant_session = make_session(quant_model, what="the quantized model")
     names = [o.name for o in float_session.get_outputs()]
     accumulators = {name: OutputAccumulator() for name in names}
     predictions: dict[str, list[np.ndarray]] = {"float": [], "quant": []}
     samples = 0
-    for run, batch in enumerate(data, start=1):
-        try:
-            ref = float_session.run(names, batch.feeds)
-        except Exception as exc:
-            raise DataError(f"{data.name}: the float model failed on batch {run}: {first_line(exc)}") from exc
-        try:
-            test = quant_session.run(names, batch.feeds)
-        except Exception as exc:
-            raise DataError(f"{data.name}: the quantized model failed on batch {run}: {first_line(exc)}") from exc
+    for number, batch in enumerate(data, start=1):
+        ref = run(float_session, names, batch, data, number, "the float model")
+        test = run(quant_session, names, batch, data, number, "the quantized model")
         for name, r, t in zip(names, ref, test, strict=True):
             accumulators[name].update(r, t)
         if labels is not None:
@@ -101,6 +118,97 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, d
         raise DataError(f"{len(labels)} labels for {len(float_pred)} predictions of output {names[0]!r}; "
                         "give one label per evaluated sample")
     return Comparison(outputs, samples, float(np.mean(float_pred == labels)), float(np.mean(quant_pred == labels)))
+
+
+@dataclass(frozen=True)
+class TensorError:
+    """The error one Q/DQ pair adds (``local``: its output against its own input in the quantized model), the
+    error accumulated up to it (``total``: its output against the same tensor in the float model), and its worst
+    channel: one scale per tensor is shared by all channels, so a channel far smaller than the largest one loses
+    its resolution, which the tensor-wide SQNR (dominated by the large channels) hides."""
+
+    tensor: str
+    local: OutputMetrics
+    total: OutputMetrics
+    worst_channel: int = 0
+    worst_channel_db: float = math.inf
+
+
+class ChannelAccumulator:
+    """Per-channel signal and noise energy (axis 1 of 4-D/5-D tensors, else the last axis)."""
+
+    def __init__(self) -> None:
+        self.signal: np.ndarray | None = None
+        self.noise: np.ndarray | None = None
+
+    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        if ref.ndim == 0:
+            return
+        axis = 1 if ref.ndim in (4, 5) else ref.ndim - 1
+        others = tuple(i for i in range(ref.ndim) if i != axis)
+        ref64, diff = ref.astype(np.float64), ref.astype(np.float64) - test.astype(np.float64)
+        signal, noise = (ref64 * ref64).sum(axis=others), (diff * diff).sum(axis=others)
+        self.signal = signal if self.signal is None else self.signal + signal
+        self.noise = noise if self.noise is None else self.noise + noise
+
+    def worst(self) -> tuple[int, float]:
+        if self.signal is None:
+            return 0, math.inf
+        with np.errstate(divide="ignore", invalid="ignore"):
+            db = np.where(self.noise > 0, 10 * np.log10(np.maximum(self.signal, 1e-300) / self.noise), np.inf)
+        index = int(np.argmin(db))
+        return index, float(db[index])
+
+
+def attribute_error(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Dataset
+                    ) -> list[TensorError]:
+    """For every quantized activation, how much error its Q/DQ adds and how much has accumulated, worst first
+    (ranked by the SQNR of its worst channel).
+
+    Both models run side by side with the tensors exposed; statistics stream, nothing is kept across batches.
+    """
+    pairs = qdq_pairs(quant_model)
+    float_names = {o for n in float_model.graph.node for o in n.output} | {i.name for i in float_model.graph.input}
+    pairs = [(t, dq) for t, dq in pairs if t in float_names]
+    if not pairs:
+        return []
+    tensors = [t for t, _ in pairs]
+    inputs = {i.name for i in float_model.graph.input}
+    exposed = [t for t in tensors if t not in inputs]  # graph inputs come from the feeds
+    dequantized_names = [dq for _, dq in pairs]
+    float_session = session_exposing(float_model, exposed, what="the float model") if exposed else None
+    quant_session = session_exposing(quant_model, exposed + dequantized_names, what="the quantized model")
+    local = {t: OutputAccumulator() for t in tensors}
+    total = {t: OutputAccumulator() for t in tensors}
+    channels = {t: ChannelAccumulator() for t in tensors}
+    for number, batch in enumerate(data, start=1):
+        ref = dict(batch.feeds)
+        if float_session is not None:
+            ref.update(zip(exposed, run(float_session, exposed, batch, data, number, "the float model"), strict=True))
+        values = run(quant_session, exposed + dequantized_names, batch, data, number, "the quantized model")
+        own = dict(batch.feeds) | dict(zip(exposed, values[:len(exposed)], strict=True))
+        for (tensor, _), dequantized in zip(pairs, values[len(exposed):], strict=True):
+            local[tensor].update(own[tensor], dequantized)
+            total[tensor].update(ref[tensor], dequantized)
+            channels[tensor].update(own[tensor], dequantized)
+    found = [TensorError(t, local[t].metrics(t), total[t].metrics(t), *channels[t].worst()) for t in tensors]
+    return sorted(found, key=lambda e: (e.worst_channel_db, e.local.sqnr_db))
+
+
+def qdq_pairs(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(activation tensor, output of its DequantizeLinear) for every activation Q/DQ pair."""
+    constants = {i.name for i in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    pairs = []
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
+            dq = next((r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"), None)
+            if dq is not None:
+                pairs.append((node.input[0], dq.output[0]))
+    return pairs
 
 
 def class_predictions(output: np.ndarray) -> np.ndarray:

@@ -43,6 +43,8 @@ class QuantizeConfig:
         high_precision: the precision of what is not INT8. ``fp32`` leaves the float parts as they are (strongly
             typed TensorRT runs them in FP32); ``fp16`` casts them to FP16 except normalisations, Softmax,
             reductions and exp/log/pow, and raises the opset to 19 for FP16 Q/DQ scales.
+        target_sqnr: leave the most sensitive layers float until the first output's SQNR against the float
+            model reaches this many dB on the evaluation data (which it then needs).
     """
 
     method: str = "entropy"
@@ -56,6 +58,7 @@ class QuantizeConfig:
     exclude_op_types: tuple[str, ...] = ()
     include_op_types: tuple[str, ...] = ()
     high_precision: str = "fp32"
+    target_sqnr: float | None = None
 
     def __post_init__(self) -> None:
         for field in ("exclude_nodes", "exclude_op_types", "include_op_types"):

@@ -20,7 +20,8 @@ from qdq.calibrate.data import DataLike, Dataset, input_specs, open_data
 from qdq.check import check_model
 from qdq.compare import Comparison, compare_models
 from qdq.config import QuantizeConfig
-from qdq.errors import CalibrationError, OutputError
+from qdq.errors import CalibrationError, DataError, OutputError
+from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.passes.base import run_passes
 from qdq.passes.fold_batchnorm import FoldBatchNorm
@@ -34,6 +35,7 @@ from qdq.passes.shapes import InferShapes
 from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges, inherit_through_copies
 from qdq.runtime import make_session
+from qdq.sensitivity import Evaluator, SensitivityReport, fall_back_to_target, layer_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,8 @@ def quantize(
     if ranges is not None:
         warn_unknown_names(ranges, source)
     used = plan_ranges(prepared, plan, calibration, config, ranges, notes, progress=progress)
+    if config.target_sqnr is not None:
+        plan, used = meet_target(prepared, plan, used, evaluation, config, notes, progress=progress)
 
     quantized = MaterializeQDQ(plan, used, weights=config.weights).run(prepared).model
     if config.high_precision == "fp16":
@@ -129,7 +133,7 @@ def quantize(
         notes.extend(fp16_notes)
     report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(used), len(plan.weights()),
                     tuple(notes))
-    stamp_metadata(quantized, config, report, used)
+    stamp_metadata(quantized, config, report, used, plan)
     check_quantized(quantized)
     comparison = None if evaluation is None else compare_models(prepared, quantized, evaluation, labels)
     report = dataclasses.replace(report, comparison=comparison, seconds=time.perf_counter() - started)
@@ -149,6 +153,46 @@ def calibrate(
     calibration = open_data(calibration_data, input_specs(prepared), config.batch_size)
     plan = plan_quantization(prepared, config.placement())
     return plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
+
+
+def meet_target(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, evaluation: Dataset | None,
+                config: QuantizeConfig, notes: list[str], *, progress: bool) -> tuple[QuantPlan, TensorRanges]:
+    """Leave the most sensitive layers float until the output SQNR reaches ``config.target_sqnr``."""
+    if evaluation is None:
+        raise DataError("a target SQNR needs evaluation data to measure it on (--eval, or evaluation_data)")
+    evaluator = Evaluator(model, ranges, evaluation, make_session(model, what="the float model"), config.weights)
+    result = fall_back_to_target(plan, evaluator, config.target_sqnr, progress=progress)
+    if result.left_float:
+        notes.append(f"to reach {config.target_sqnr:g} dB, {len(result.left_float)} layers stay float "
+                     f"({', '.join(result.left_float[:5])}{', ...' if len(result.left_float) > 5 else ''}): "
+                     f"{result.before_db:.2f} -> {result.after_db:.2f} dB")
+        log.info("%s", notes[-1])
+    if not result.met:
+        notes.append(f"target {config.target_sqnr:g} dB not reached: {result.after_db:.2f} dB with every layer "
+                     "float")
+        log.warning("%s", notes[-1])
+    return result.plan, ranges.subset(result.plan.activation_names())
+
+
+def sensitivity(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    calibration_data: DataLike,
+    evaluation_data: DataLike,
+    *,
+    config: QuantizeConfig | None = None,
+    progress: bool = False,
+) -> SensitivityReport:
+    """Rank the layers ``quantize`` would quantize by the output SQNR they cost (one at a time, and all but one)."""
+    config = config or QuantizeConfig()
+    prepared, notes = prepare(load_model(model))
+    specs = input_specs(prepared)
+    calibration = open_data(calibration_data, specs, config.batch_size)
+    evaluation = open_data(evaluation_data, specs, config.batch_size)
+    plan = plan_quantization(prepared, config.placement())
+    ranges = plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
+    evaluator = Evaluator(prepared, ranges, evaluation, make_session(prepared, what="the float model"),
+                          config.weights)
+    return layer_sensitivity(plan, evaluator, progress=progress)
 
 
 def explain(model: str | os.PathLike[str] | onnx.ModelProto, *, config: QuantizeConfig | None = None) -> QuantPlan:
@@ -193,10 +237,19 @@ def describe_missing(missing: list[str], known: TensorRanges) -> str:
     return ", ".join(parts) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
 
 
-def stamp_metadata(model: onnx.ModelProto, config: QuantizeConfig, report: Report, ranges: TensorRanges) -> None:
+def float_reasons(plan: QuantPlan) -> str:
+    """Why each Conv/ConvTranspose/Gemm/MatMul stayed float, as compact JSON (read back by ``qdq inspect``)."""
+    reasons = {d.node: f"[{d.rule}] {d.reason}" for d in plan.decisions
+               if not d.quantized and d.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    return json.dumps(reasons, sort_keys=True, separators=(",", ":"))
+
+
+def stamp_metadata(model: onnx.ModelProto, config: QuantizeConfig, report: Report, ranges: TensorRanges,
+                   plan: QuantPlan) -> None:
     """Record tool, options and a summary in the model's metadata (shown by Netron's model properties)."""
     entries = {
         "qdq.version": __version__,
+        REASONS_KEY: float_reasons(plan),
         "qdq.options": config.to_json(),
         "qdq.summary": json.dumps({**report.summary(), "method": ranges.method, "samples": ranges.samples},
                                   sort_keys=True, separators=(",", ":")),

@@ -1,0 +1,101 @@
+"""What a quantized model holds: its Q/DQ pairs, the ops that take int8 inputs, scales, and what stayed float.
+
+Works on models from any tool; a model from qdq also says why each weighted layer stayed float (its metadata).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qdq.check import QUANTIZABLE, attribute
+
+REASONS_KEY = "qdq.float_reasons"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One DequantizeLinear (with its QuantizeLinear when there is one): what it quantizes and how."""
+
+    tensor: str
+    kind: str  # "activation" or "weight"
+    granularity: str  # "per tensor" or "per channel (axis N, C channels)"
+    scale_min: float
+    scale_max: float
+    zero_point: str  # dtype of the zero point, or "none"
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Inspection:
+    pairs: tuple[Pair, ...]
+    int8_nodes: tuple[tuple[str, str, int, int], ...]  # (node, op, inputs dequantized, inputs)
+    float_layers: tuple[tuple[str, str, str], ...]  # (node, op, reason)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        activations = [p for p in self.pairs if p.kind == "activation"]
+        weights = [p for p in self.pairs if p.kind == "weight"]
+        lines = [f"{len(activations)} activation Q/DQ pairs, {len(weights)} weight DequantizeLinear "
+                 f"({sum(p.granularity.startswith('per channel') for p in weights)} per channel); "
+                 f"{len(self.int8_nodes)} nodes read int8 data, {len(self.float_layers)} weighted layers are float"]
+        if "qdq.version" in self.metadata:
+            lines.append(f"made by qdq {self.metadata['qdq.version']} with {self.metadata.get('qdq.options', '{}')}")
+        lines.append("scales:")
+        for p in self.pairs:
+            scale = f"{p.scale_min:.6g}" if p.scale_min == p.scale_max else f"{p.scale_min:.6g}..{p.scale_max:.6g}"
+            lines.append(f"  {p.kind:<10} {p.tensor:<40} {p.granularity:<30} scale {scale:<22} zp {p.zero_point}")
+        if self.float_layers:
+            lines.append("float layers:")
+            lines.extend(f"  {node} ({op}): {reason}" for node, op, reason in self.float_layers)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"pairs": [vars(p) for p in self.pairs],
+                "int8_nodes": [dict(zip(("node", "op", "dequantized_inputs", "inputs"), n, strict=True))
+                               for n in self.int8_nodes],
+                "float_layers": [dict(zip(("node", "op", "reason"), f, strict=True)) for f in self.float_layers],
+                "metadata": self.metadata}
+
+
+def inspect_model(model: onnx.ModelProto) -> Inspection:
+    constants = {i.name: i for i in model.graph.initializer}
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    reasons = json.loads(metadata.get(REASONS_KEY, "{}"))
+
+    pairs = []
+    dequantized = set()
+    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear"):
+        dequantized.add(dq.output[0])
+        source = made_by.get(dq.input[0])
+        quantize = source if source is not None and source.op_type == "QuantizeLinear" else None
+        tensor = quantize.input[0] if quantize is not None else dq.input[0]
+        kind = "weight" if tensor in constants else "activation"
+        scale = numpy_helper.to_array(constants[dq.input[1]]) if dq.input[1] in constants else np.array([np.nan])
+        zero = constants.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        granularity = "per tensor" if scale.size <= 1 else (f"per channel (axis {attribute(dq, 'axis', 1)}, "
+                                                            f"{scale.size} channels)")
+        zp = onnx.helper.tensor_dtype_to_np_dtype(zero.data_type).name if zero is not None else "none"
+        consumers = tuple(n.name for n in readers.get(dq.output[0], []))
+        pairs.append(Pair(tensor, kind, granularity, float(np.min(scale)), float(np.max(scale)), zp, consumers))
+
+    int8_nodes, float_layers = [], []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        count = sum(i in dequantized for i in node.input)
+        if count:
+            int8_nodes.append((node.name, node.op_type, count, len(node.input)))
+        elif node.op_type in QUANTIZABLE:
+            float_layers.append((node.name, node.op_type, reasons.get(node.name, "no Q/DQ on its inputs")))
+    pairs.sort(key=lambda p: (p.kind, p.tensor))
+    return Inspection(tuple(pairs), tuple(int8_nodes), tuple(float_layers), metadata)

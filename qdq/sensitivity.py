@@ -1,0 +1,118 @@
+"""Per-layer sensitivity and automatic float fallback: which quantized layers cost the most output accuracy.
+
+Ranges are calibrated once; each variant of the plan is then materialised and compared with the float model on
+the evaluation data (one float session for all of them). The measure is the SQNR of the model's first output.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import onnx
+from tqdm import tqdm
+
+from qdq.calibrate.data import Dataset
+from qdq.compare import compare_models
+from qdq.passes.materialize import MaterializeQDQ
+from qdq.placement.plan import Decision, QuantPlan
+from qdq.ranges import TensorRanges
+from qdq.runtime import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One quantized layer: the output SQNR with only it quantized, and with all but it quantized."""
+
+    node: str
+    op: str
+    only_db: float
+    without_db: float
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    output: str
+    all_db: float  # every planned layer quantized
+    layers: tuple[LayerSensitivity, ...]  # most sensitive first: the largest gain when left float
+
+    def describe(self) -> str:
+        lines = [f"output {self.output}: {self.all_db:.2f} dB with every layer quantized",
+                 f"  {'layer':<40} {'op':<14} {'only this':>10} {'all but this':>13} {'gain':>7}"]
+        for layer in self.layers:
+            lines.append(f"  {layer.node:<40} {layer.op:<14} {layer.only_db:>10.2f} {layer.without_db:>13.2f} "
+                         f"{layer.without_db - self.all_db:>+7.2f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"output": self.output, "all_db": self.all_db, "layers": [vars(x) for x in self.layers]}
+
+
+def restrict(plan: QuantPlan, quantized: set[str]) -> QuantPlan:
+    """The plan with only the nodes in ``quantized`` keeping their Q/DQ."""
+    decisions = tuple(d if d.node in quantized or not d.quantized else
+                      Decision(d.node, d.op, False, "fallback", "left float by sensitivity analysis")
+                      for d in plan.decisions)
+    kept = {q.tensor for d in decisions for q in d.inputs if q.kind == "activation"}
+    groups = tuple(g for g in (tuple(t for t in group if t in kept) for group in plan.shared_scales) if len(g) > 1)
+    return QuantPlan(decisions, shared_scales=groups)
+
+
+class Evaluator:
+    """Materialises a plan variant and measures the first output's SQNR against the float model."""
+
+    def __init__(self, model: onnx.ModelProto, ranges: TensorRanges, data: Dataset, float_session: Session,
+                 weights: str) -> None:
+        self.model, self.ranges, self.data, self.float_session, self.weights = (
+            model, ranges, data, float_session, weights)
+
+    def __call__(self, plan: QuantPlan) -> float:
+        ranges = self.ranges.subset(plan.activation_names())
+        quantized = MaterializeQDQ(plan, ranges, weights=self.weights).run(self.model).model
+        return compare_models(self.float_session, quantized, self.data).outputs[0].sqnr_db
+
+
+def layer_sensitivity(plan: QuantPlan, evaluate: Evaluator, *, progress: bool = False) -> SensitivityReport:
+    """Quantize one layer at a time, and all but one layer at a time; rank layers by what leaving them float gains."""
+    layers = plan.quantized_nodes()
+    everything = {d.node for d in layers}
+    all_db = evaluate(plan)
+    results = []
+    for layer in tqdm(layers, desc="sensitivity", unit="layer", disable=None if progress else True, leave=False):
+        only = evaluate(restrict(plan, {layer.node}))
+        without = evaluate(restrict(plan, everything - {layer.node}))
+        results.append(LayerSensitivity(layer.node, layer.op, only, without))
+    results.sort(key=lambda r: (-(r.without_db - all_db), r.only_db, r.node))
+    output = evaluate.float_session.get_outputs()[0].name
+    return SensitivityReport(output, all_db, tuple(results))
+
+
+@dataclass(frozen=True)
+class Fallback:
+    plan: QuantPlan
+    left_float: tuple[str, ...]
+    before_db: float
+    after_db: float
+    met: bool
+
+
+def fall_back_to_target(plan: QuantPlan, evaluate: Evaluator, target_db: float, *, progress: bool = False
+                        ) -> Fallback:
+    """Leave the most sensitive layers float, one more at a time, until the output SQNR reaches ``target_db``."""
+    before = evaluate(plan)
+    if before >= target_db:
+        return Fallback(plan, (), before, before, True)
+    ranking = layer_sensitivity(plan, evaluate, progress=progress)
+    quantized = {d.node for d in plan.quantized_nodes()}
+    left: list[str] = []
+    current, after = plan, before
+    for layer in ranking.layers:
+        left.append(layer.node)
+        current = restrict(plan, quantized - set(left))
+        after = evaluate(current)
+        log.info("left %s float: %.2f dB", layer.node, after)
+        if after >= target_db:
+            return Fallback(current, tuple(left), before, after, True)
+    return Fallback(current, tuple(left), before, after, False)

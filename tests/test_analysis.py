@@ -1,0 +1,142 @@
+"""compare, per-tensor attribution, sensitivity, --target-sqnr, inspect: metrics and rankings that could fail."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import DIGITS, parse
+from onnx import numpy_helper
+
+import qdq
+from qdq.calibrate.data import input_specs, open_data
+from qdq.cli import main
+from qdq.compare import OutputAccumulator, attribute_error
+from qdq.inspect import inspect_model
+
+HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
+
+# Three Convs; the first gives channel 0 values 1000x the others, so the per-tensor Q/DQ on the second Conv's
+# input has no resolution left for channels 1-15. The second Conv reads channel 0 through tiny weights, so the
+# float output does not depend on it: only quantization makes that layer matter.
+FRAGILE = HEADER + """
+g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] y)
+<float[16, 16, 3, 3] w1 = {0.0}, float[16, 16, 3, 3] w2 = {0.0}, float[16, 16, 3, 3] w3 = {0.0}> {
+  a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+  ra = Relu (a)
+  b = Conv <pads = [1, 1, 1, 1]> (ra, w2)
+  rb = Relu (b)
+  y = Conv <pads = [1, 1, 1, 1]> (rb, w3)
+}"""
+
+
+def fragile_model(rng) -> onnx.ModelProto:
+    model = parse(FRAGILE, rng, weight_scale=0.1)
+    weights = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+    weights["w1"][0] *= 1000.0
+    weights["w2"][:, 0] *= 1e-6
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+    return model
+
+
+def test_metrics_match_numpy_formulas(rng):
+    ref, test = rng.normal(size=(6, 10)), rng.normal(size=(6, 10))
+    acc = OutputAccumulator()
+    acc.update(ref[:4], test[:4])
+    acc.update(ref[4:], test[4:])
+    m = acc.metrics("y")
+    assert m.sqnr_db == pytest.approx(10 * np.log10(np.sum(ref**2) / np.sum((ref - test) ** 2)), rel=1e-12)
+    assert m.cosine == pytest.approx(np.dot(ref.ravel(), test.ravel()) / np.linalg.norm(ref) / np.linalg.norm(test),
+                                     rel=1e-12)
+    assert m.max_abs_error == pytest.approx(np.abs(ref - test).max(), rel=1e-12)
+    assert m.mean_abs_error == pytest.approx(np.abs(ref - test).mean(), rel=1e-12)
+    assert m.top1_agreement == pytest.approx(np.mean(ref.argmax(1) == test.argmax(1)), rel=1e-12)
+
+
+def test_sensitivity_ranks_the_fragile_layer_first_and_the_target_leaves_it_float(rng):
+    model = fragile_model(rng)
+    calib = {"x": rng.normal(size=(16, 16, 8, 8)).astype(np.float32)}
+    evaluation = {"x": rng.normal(size=(16, 16, 8, 8)).astype(np.float32)}
+    config = qdq.QuantizeConfig(method="max")
+    report = qdq.sensitivity(model, calib, evaluation, config=config)
+    assert report.layers[0].node == "Conv_b", report.describe()
+    gain = report.layers[0].without_db - report.all_db
+    assert gain > 10, report.describe()
+
+    target = report.all_db + gain / 2
+    result = qdq.quantize(model, calib, evaluation_data=evaluation,
+                          config=qdq.QuantizeConfig(method="max", target_sqnr=target))
+    assert result.report.comparison.outputs[0].sqnr_db >= target
+    assert not next(d for d in result.plan.decisions if d.node == "Conv_b").quantized
+    assert next(d for d in result.plan.decisions if d.node == "Conv_y").quantized, "only what the target needs"
+    assert any("stay float (Conv_b)" in note for note in result.report.notes)
+
+
+def test_target_sqnr_needs_evaluation_data(rng):
+    with pytest.raises(qdq.QdqError, match="needs evaluation data"):
+        qdq.quantize(fragile_model(rng), {"x": np.ones((2, 16, 8, 8), np.float32)},
+                     config=qdq.QuantizeConfig(target_sqnr=40))
+
+
+def test_per_tensor_attribution_finds_the_fragile_tensor(rng):
+    model = fragile_model(rng)
+    data = {"x": rng.normal(size=(16, 16, 8, 8)).astype(np.float32)}
+    result = qdq.quantize(model, data, config=qdq.QuantizeConfig(method="max"))
+    prepared, _ = qdq.prepare(model)
+    errors = attribute_error(prepared, result.model, open_data(data, input_specs(prepared)))
+    assert errors[0].tensor == "ra" and errors[0].worst_channel != 0, "a small channel next to the huge one"
+    assert errors[0].worst_channel_db < errors[-1].worst_channel_db - 20
+
+
+def test_compare_cli_with_labels_per_tensor_and_json(tmp_path, capsys):
+    quantized = tmp_path / "q.onnx"
+    assert main(["quantize", str(DIGITS / "digits.onnx"), "--calib", str(DIGITS / "calib.npz"), "-o", str(quantized),
+                 "-q"]) == 0
+    capsys.readouterr()
+    args = ["compare", str(DIGITS / "digits.onnx"), str(quantized), "--data", str(DIGITS / "eval.npz"),
+            "--labels", str(DIGITS / "labels.npy"), "--per-tensor", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "cosine" in out and "accuracy: float 98.89%" in out and out.count(" added ") == 3
+    assert main([*args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["samples"] == 450 and len(doc["tensors"]) == 3 and doc["outputs"][0]["cosine"] > 0.999
+
+
+def test_inspect_a_qdq_model_with_reasons(tmp_path, capsys):
+    result = qdq.quantize(DIGITS / "digits.onnx", DIGITS / "calib.npz")
+    found = inspect_model(result.model)
+    assert sum(p.kind == "activation" for p in found.pairs) == 6
+    assert all(p.granularity.startswith("per channel (axis 0") for p in found.pairs if p.kind == "weight")
+    assert found.float_layers == (("node_linear", "Gemm", "[tiny-gemm] K=64, N=10: below 16, INT8 gains nothing"),)
+    onnx.save(result.model, str(tmp_path / "q.onnx"))
+    assert main(["inspect", str(tmp_path / "q.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["qdq.version"] == qdq.__version__
+
+
+def test_inspect_a_model_quantized_by_onnx_runtime(tmp_path, rng):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static  # noqa: TID251
+
+    model = parse(HEADER + """
+    g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] y) <float[16, 16, 3, 3] w = {0.0}, float[16] b = {0.0}> {
+      y = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    }""", rng)
+    onnx.save(model, str(tmp_path / "f.onnx"))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"x": rng.normal(size=(1, 16, 8, 8)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True)
+    found = inspect_model(onnx.load(str(tmp_path / "q.onnx")))
+    kinds = {p.kind for p in found.pairs}
+    assert kinds == {"activation", "weight"}
+    assert {p.zero_point for p in found.pairs} & {"uint8", "int8"}
+    assert any(n[1] == "Conv" and n[2] >= 2 for n in found.int8_nodes)
