@@ -124,3 +124,18 @@ def test_random_bytes_as_a_model_from_the_api(tmp_path):
     (tmp_path / "m.onnx").write_bytes(os.urandom(4096))
     with pytest.raises(ModelError, match="not a readable ONNX model"):
         qdq.quantize(tmp_path / "m.onnx")
+
+
+def test_non_finite_values_inside_the_graph_are_counted_too(rng, caplog):
+    # Sqrt of negative inputs gives NaN in an intermediate tensor; max calibration reduces in ONNX Runtime and
+    # must fall back to the full tensor for such batches to count and skip them.
+    model = parse(HEADER + """
+    g (float[N, 32] x) => (float[N, 32] y) <float[32, 32] w = {0.0}> {
+      s = Sqrt (x)
+      y = MatMul (s, w)
+    }""", rng)
+    x = np.abs(rng.normal(size=(16, 32))).astype(np.float32)
+    x[3, :5] = -1.0
+    result = qdq.quantize(model, {"x": x}, config=qdq.QuantizeConfig(method="max", batch_size=4))
+    assert result.ranges.amax["s"] == pytest.approx(float(np.sqrt(x[x >= 0]).max()), rel=1e-6)
+    assert "5 non-finite values" in caplog.text

@@ -19,7 +19,7 @@ from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, DataError
 from qdq.model_io import first_line
 from qdq.ranges import TensorRanges
-from qdq.runtime import session_exposing
+from qdq.runtime import session_exposing, session_reducing
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,17 @@ def observe(model: onnx.ModelProto, names: list[str], data: Dataset, stats: dict
     exposed = [n for n in names if n not in graph_inputs]
     fed = [n for n in names if n in graph_inputs]
     # With ORT's optimisations: fused kernels (Conv+BatchNorm+Relu, as TensorRT fuses them) run about twice as
-    # fast and differ from the graph's unfused ops only by float rounding.
-    session = session_exposing(model, exposed, what="the model prepared for calibration") if exposed else None
+    # fast and differ from the graph's unfused ops only by float rounding. For max calibration ORT also reduces
+    # each tensor to its extremes itself; histograms need the whole tensors.
+    reduce_in_ort = bool(exposed) and all(isinstance(stats[n], AbsMax) for n in exposed)
+    what = "the model prepared for calibration"
+    if not exposed:
+        session, outputs = None, []
+    elif reduce_in_ort:
+        session, outputs = session_reducing(model, exposed, what=what)
+    else:
+        session, outputs = session_exposing(model, exposed, what=what), exposed
+    full_session = None  # made when a reduced extreme is NaN/Inf: those batches need every value to count them
     samples = runs = 0
     bar = tqdm(total=data.runs(), desc=label, unit="batch", disable=None if progress else True, leave=False)
     # Statistics of batch n are reduced on a worker thread while ORT computes batch n+1 (both release the GIL),
@@ -76,7 +85,13 @@ def observe(model: onnx.ModelProto, names: list[str], data: Dataset, stats: dict
         pending = None
         for batch in data:
             try:
-                values = session.run(exposed, batch.feeds) if session else []
+                values = session.run(outputs, batch.feeds) if session else []
+                if reduce_in_ort:
+                    finite = all(np.isfinite(v).all() for v in values)  # a NaN anywhere makes the sum NaN
+                    values = [np.stack(values[i:i + 2]) for i in range(0, len(values), 3)]
+                    if not finite:
+                        full_session = full_session or session_exposing(model, exposed, what=what)
+                        values = full_session.run(exposed, batch.feeds)
             except Exception as exc:  # ORT's InvalidArgument / Fail
                 raise DataError(f"ONNX Runtime failed on batch {runs + 1} of {data.name}: {first_line(exc)}") from exc
             if pending is not None:
