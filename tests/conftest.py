@@ -134,3 +134,25 @@ def gs_graph(model: onnx.ModelProto):
 def read_only(path: Path) -> tuple[bytes, float]:
     """A file's bytes and mtime, to check that qdq never modifies its input."""
     return path.read_bytes(), os.stat(path).st_mtime
+
+
+def quantize_with_onnxruntime(model: onnx.ModelProto, folder: Path, rng: np.random.Generator, **options
+                              ) -> onnx.ModelProto:
+    """The model quantized by ONNX Runtime's quantize_static (QDQ format, its defaults): a model from another tool
+    for the tests of check and inspect. Test-only use; qdq never wraps it."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static  # noqa: TID251
+
+    name = model.graph.input[0].name
+    shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{name: rng.normal(size=shape).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    onnx.save(model, str(folder / "float.onnx"))
+    quantize_static(str(folder / "float.onnx"), str(folder / "ort.qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    **options)
+    return onnx.load(str(folder / "ort.qdq.onnx"))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, parse
+from conftest import DIGITS, parse, quantize_with_onnxruntime
 from onnx import numpy_helper
 
 import qdq
@@ -118,25 +118,11 @@ def test_inspect_a_qdq_model_with_reasons(tmp_path, capsys):
 
 
 def test_inspect_a_model_quantized_by_onnx_runtime(tmp_path, rng):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static  # noqa: TID251
-
     model = parse(HEADER + """
     g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] y) <float[16, 16, 3, 3] w = {0.0}, float[16] b = {0.0}> {
       y = Conv <pads = [1, 1, 1, 1]> (x, w, b)
     }""", rng)
-    onnx.save(model, str(tmp_path / "f.onnx"))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"x": rng.normal(size=(1, 16, 8, 8)).astype(np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True)
-    found = inspect_model(onnx.load(str(tmp_path / "q.onnx")))
-    kinds = {p.kind for p in found.pairs}
-    assert kinds == {"activation", "weight"}
-    assert {p.zero_point for p in found.pairs} & {"uint8", "int8"}
+    found = inspect_model(quantize_with_onnxruntime(model, tmp_path, rng, per_channel=True))
+    assert {p.kind for p in found.pairs} == {"activation", "weight"}
+    assert any(p.granularity.startswith("per channel (axis 0, 16") for p in found.pairs if p.kind == "weight")
     assert any(n[1] == "Conv" and n[2] >= 2 for n in found.int8_nodes)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, parse
+from conftest import DIGITS, parse, quantize_with_onnxruntime
 from onnx import helper, numpy_helper
 
 import qdq
@@ -125,19 +125,6 @@ def test_cli_check_exit_codes_and_json(tmp_path, quantized, capsys):
 
 
 def test_findings_on_a_model_quantized_by_onnx_runtime(tmp_path, rng):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static  # noqa: TID251
-
-    model = parse(CONV, rng)
-    onnx.save(model, str(tmp_path / "f.onnx"))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"x": rng.normal(size=(1, 16, 8, 8)).astype(np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.items, None)
-
     # ONNX Runtime's defaults: asymmetric uint8 activations and an int32 quantized bias.
-    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ)
-    found = rules(onnx.load(str(tmp_path / "q.onnx")))
+    found = rules(quantize_with_onnxruntime(parse(CONV, rng), tmp_path, rng))
     assert "int32-bias" in found and "zero-point" in found
