@@ -20,11 +20,12 @@ from qdq.calibrate.data import input_specs, open_data
 from qdq.check import check_model
 from qdq.compare import Comparison, attribute_error, compare_models, load_labels
 from qdq.config import HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS, QuantizeConfig
-from qdq.errors import QdqError
+from qdq.errors import MissingDependencyError, QdqError
 from qdq.inspect import inspect_model
 from qdq.model_io import check_writable, load_model
 from qdq.quantize import QuantizeResult, calibrate, explain, quantize, sensitivity
 from qdq.range_files import FORMATS, format_for_path, read_ranges, write_ranges
+from qdq.report import write_report
 
 log = logging.getLogger("qdq")
 
@@ -82,8 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--high-precision", choices=HIGH_PRECISIONS, default="fp32",
                    help="precision of the parts left out of INT8: fp32 (default) or fp16, with normalisations, "
                         "Softmax, reductions and exp/log/pow kept in fp32")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
+    q.add_argument("--report", type=Path, metavar="FILE",
+                   help="write an HTML report (comparison, range histograms with the chosen amax)")
     q.add_argument("--target-sqnr", type=float, metavar="DB",
                    help="leave the most sensitive layers float until the first output's SQNR on --eval reaches DB")
+    q.add_argument("--max-top1-drop", type=float, metavar="PCT",
+                   help="leave the most sensitive layers float until top-1 agreement with float on --eval is at "
+                        "least 100-PCT percent")
     q.add_argument("--explain", action="store_true", help="print each node's placement decision and reason")
     q.add_argument("--ranges", type=Path, metavar="FILE",
                    help="known ranges: name:amax text, TensorRT calibration cache or qdq JSON; tensors it lacks "
@@ -135,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--per-tensor", type=int, nargs="?", const=10, metavar="N",
                      help="also list the N quantized tensors (default 10) that add the most error")
     cmp.add_argument("--json", action="store_true", help="print the results as JSON")
+    cmp.add_argument("--report", type=Path, metavar="FILE", help="also write an HTML report")
     cmp.set_defaults(run=run_compare)
 
     sens = commands.add_parser("sensitivity", parents=[common], help="rank layers by the accuracy they cost",
@@ -146,7 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(sens)
     add_placement_args(sens)
     sens.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    sens.add_argument("--report", type=Path, metavar="FILE", help="also write an HTML report with the chart")
     sens.set_defaults(run=run_sensitivity)
+
+    view = commands.add_parser("view", parents=[common], help="open a model in Netron, served on localhost",
+                               description="Serve the model with Netron (pip install 'qdq[view]') on localhost and "
+                                           "open a browser, until interrupted.")
+    view.add_argument("model", type=Path, help="ONNX model")
+    view.add_argument("--port", type=int, default=8080, help="port on localhost (default 8080)")
+    view.add_argument("--no-browser", action="store_true", help="only serve; print the address")
+    view.set_defaults(run=run_view)
 
     ins = commands.add_parser("inspect", parents=[common], help="list a quantized model's Q/DQ pairs and scales",
                               description="Q/DQ pairs, per-channel or per-tensor, the scale table, the ops that "
@@ -221,13 +238,16 @@ def make_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
 
 def run_quantize(args: argparse.Namespace) -> int:
     output = check_writable(args.output, not_same_as=args.model)  # fail before the long work
-    config = make_config(args, weights=args.weights, high_precision=args.high_precision, target_sqnr=args.target_sqnr)
+    config = make_config(args, weights=args.weights, high_precision=args.high_precision, target_sqnr=args.target_sqnr,
+                         max_top1_drop=args.max_top1_drop)
     ranges = read_ranges(args.ranges, args.ranges_format) if args.ranges else None
     labels = load_labels(args.labels) if args.labels else None
     evaluation = args.eval or args.calib
     if args.save_ranges:
         check_writable(args.save_ranges)
         format_for_path(args.save_ranges)
+    if args.report:
+        check_writable(args.report)
     result = quantize(args.model, args.calib, config=config, ranges=ranges, evaluation_data=evaluation,
                       labels=labels, progress=not args.quiet)
     if args.explain:
@@ -235,6 +255,16 @@ def run_quantize(args: argparse.Namespace) -> int:
     result.save(output)
     if args.save_ranges:
         result.ranges.save(args.save_ranges)
+    if args.report:
+        write_report(args.report, title=f"qdq quantize {args.model.name}", comparison=result.report.comparison,
+                     ranges=result.ranges, notes=result.report.notes)
+    if args.json:
+        comparison = result.report.comparison
+        print(json.dumps({"output": str(output), **result.report.summary(), "notes": list(result.report.notes),
+                          "ranges": dict(result.ranges.amax), "method": result.ranges.method,
+                          "comparison": None if comparison is None else comparison.to_dict(),
+                          "seconds": result.report.seconds}, indent=1))
+        return 0
     print_summary(result, output, evaluation)
     return 0
 
@@ -273,12 +303,19 @@ def quantized_node_names(model) -> set[str]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    if args.report:
+        check_writable(args.report)
     float_model, quant_model = load_model(args.float_model), load_model(args.quant_model)
     specs = input_specs(float_model)
     labels = load_labels(args.labels) if args.labels else None
-    comparison = compare_models(float_model, quant_model, open_data(args.data, specs, args.batch_size), labels)
+    comparison = compare_models(float_model, quant_model, open_data(args.data, specs, args.batch_size), labels,
+                                progress=not args.quiet)
     errors = [] if args.per_tensor is None else attribute_error(
-        float_model, quant_model, open_data(args.data, specs, args.batch_size))[:args.per_tensor]
+        float_model, quant_model, open_data(args.data, specs, args.batch_size), progress=not args.quiet
+    )[:args.per_tensor]
+    if args.report:
+        write_report(args.report, title=f"qdq compare {args.quant_model.name}", comparison=comparison,
+                     attribution=errors)
     if args.json:
         doc = comparison.to_dict() | {"tensors": [
             {"tensor": e.tensor, "local": vars(e.local), "total": vars(e.total), "worst_channel": e.worst_channel,
@@ -298,9 +335,28 @@ def run_compare(args: argparse.Namespace) -> int:
 def run_sensitivity(args: argparse.Namespace) -> int:
     if not args.calib:
         raise UsageError("sensitivity needs --calib DATA (and optionally --eval DATA)")
+    if args.report:
+        check_writable(args.report)
     report = sensitivity(args.model, args.calib, args.eval or args.calib, config=make_config(args),
                          progress=not args.quiet)
+    if args.report:
+        write_report(args.report, title=f"qdq sensitivity {args.model.name}", sensitivity=report)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.describe())
+    return 0
+
+
+def run_view(args: argparse.Namespace) -> int:
+    try:
+        import netron
+    except ImportError as exc:
+        raise MissingDependencyError("Netron is not installed: pip install 'qdq[view]' (or open the file at "
+                                     "netron.app)") from exc
+    if not args.model.is_file():
+        raise UsageError(f"{args.model}: no such file")
+    address = netron.start(str(args.model), address=("localhost", args.port), browse=not args.no_browser)
+    host, port = address if isinstance(address, tuple) else ("localhost", args.port)
+    print(f"serving {args.model} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    netron.wait()
     return 0
 
 

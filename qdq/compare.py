@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from qdq.calibrate.data import Dataset
 from qdq.errors import DataError
@@ -85,7 +86,7 @@ def run(session: Session, names: list[str], batch, data: Dataset, run_number: in
 
 
 def compare_models(float_model: onnx.ModelProto | Session, quant_model: onnx.ModelProto, data: Dataset,
-                   labels: np.ndarray | None = None) -> Comparison:
+                   labels: np.ndarray | None = None, *, progress: bool = False) -> Comparison:
     """Run both models on ``data`` with ONNX Runtime (CPU) and measure each output's error.
 
     ``float_model`` may be a session already made (sensitivity analysis compares many quantized models with
@@ -99,7 +100,9 @@ def compare_models(float_model: onnx.ModelProto | Session, quant_model: onnx.Mod
     accumulators = {name: OutputAccumulator() for name in names}
     predictions: dict[str, list[np.ndarray]] = {"float": [], "quant": []}
     samples = 0
-    for number, batch in enumerate(data, start=1):
+    batches = tqdm(data, total=data.runs(), desc="comparing", unit="batch", disable=None if progress else True,
+                   leave=False)
+    for number, batch in enumerate(batches, start=1):
         ref = run(float_session, names, batch, data, number, "the float model")
         test = run(quant_session, names, batch, data, number, "the quantized model")
         for name, r, t in zip(names, ref, test, strict=True):
@@ -160,8 +163,8 @@ class ChannelAccumulator:
         return index, float(db[index])
 
 
-def attribute_error(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Dataset
-                    ) -> list[TensorError]:
+def attribute_error(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Dataset, *,
+                    progress: bool = False) -> list[TensorError]:
     """For every quantized activation, how much error its Q/DQ adds and how much has accumulated, worst first
     (ranked by the SQNR of its worst channel).
 
@@ -181,7 +184,9 @@ def attribute_error(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, 
     local = {t: OutputAccumulator() for t in tensors}
     total = {t: OutputAccumulator() for t in tensors}
     channels = {t: ChannelAccumulator() for t in tensors}
-    for number, batch in enumerate(data, start=1):
+    batches = tqdm(data, total=data.runs(), desc="attributing", unit="batch", disable=None if progress else True,
+                   leave=False)
+    for number, batch in enumerate(batches, start=1):
         ref = dict(batch.feeds)
         if float_session is not None:
             ref.update(zip(exposed, run(float_session, exposed, batch, data, number, "the float model"), strict=True))

@@ -45,6 +45,8 @@ class QuantizeConfig:
             reductions and exp/log/pow, and raises the opset to 19 for FP16 Q/DQ scales.
         target_sqnr: leave the most sensitive layers float until the first output's SQNR against the float
             model reaches this many dB on the evaluation data (which it then needs).
+        max_top1_drop: likewise, until the first output's top-1 agreement with the float model is at least
+            100 - this percent (a classifier's ``[batch, classes]`` output).
     """
 
     method: str = "entropy"
@@ -59,6 +61,7 @@ class QuantizeConfig:
     include_op_types: tuple[str, ...] = ()
     high_precision: str = "fp32"
     target_sqnr: float | None = None
+    max_top1_drop: float | None = None
 
     def __post_init__(self) -> None:
         for field in ("exclude_nodes", "exclude_op_types", "include_op_types"):
@@ -82,6 +85,8 @@ class QuantizeConfig:
             raise ValueError(f"max_tensors_per_pass must be a positive integer, got {self.max_tensors_per_pass!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.max_top1_drop is not None and not 0 <= self.max_top1_drop < 100:
+            raise ValueError(f"max_top1_drop must be a percentage in [0, 100), got {self.max_top1_drop!r}")
         if self.high_precision not in HIGH_PRECISIONS:
             raise ValueError(f"high_precision must be one of {', '.join(HIGH_PRECISIONS)}, got {self.high_precision!r}")
         if self.weights not in WEIGHT_FORMATS:

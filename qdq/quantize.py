@@ -35,7 +35,7 @@ from qdq.passes.shapes import InferShapes
 from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges, inherit_through_copies
 from qdq.runtime import make_session
-from qdq.sensitivity import Evaluator, SensitivityReport, fall_back_to_target, layer_sensitivity
+from qdq.sensitivity import Evaluator, Goal, SensitivityReport, fall_back, layer_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def quantize(
     if ranges is not None:
         warn_unknown_names(ranges, source)
     used = plan_ranges(prepared, plan, calibration, config, ranges, notes, progress=progress)
-    if config.target_sqnr is not None:
+    if config.target_sqnr is not None or config.max_top1_drop is not None:
         plan, used = meet_target(prepared, plan, used, evaluation, config, notes, progress=progress)
 
     quantized = MaterializeQDQ(plan, used, weights=config.weights).run(prepared).model
@@ -135,7 +135,8 @@ def quantize(
                     tuple(notes))
     stamp_metadata(quantized, config, report, used, plan)
     check_quantized(quantized)
-    comparison = None if evaluation is None else compare_models(prepared, quantized, evaluation, labels)
+    comparison = None if evaluation is None else compare_models(prepared, quantized, evaluation, labels,
+                                                                progress=progress)
     report = dataclasses.replace(report, comparison=comparison, seconds=time.perf_counter() - started)
     return QuantizeResult(quantized, used, plan, report)
 
@@ -157,19 +158,19 @@ def calibrate(
 
 def meet_target(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, evaluation: Dataset | None,
                 config: QuantizeConfig, notes: list[str], *, progress: bool) -> tuple[QuantPlan, TensorRanges]:
-    """Leave the most sensitive layers float until the output SQNR reaches ``config.target_sqnr``."""
+    """Leave the most sensitive layers float until the target SQNR or top-1 drop is met."""
+    goal = Goal(config.target_sqnr, config.max_top1_drop)
     if evaluation is None:
-        raise DataError("a target SQNR needs evaluation data to measure it on (--eval, or evaluation_data)")
+        raise DataError(f"a target ({goal}) needs evaluation data to measure it on (--eval, or evaluation_data)")
     evaluator = Evaluator(model, ranges, evaluation, make_session(model, what="the float model"), config.weights)
-    result = fall_back_to_target(plan, evaluator, config.target_sqnr, progress=progress)
+    result = fall_back(plan, evaluator, goal, progress=progress)
     if result.left_float:
-        notes.append(f"to reach {config.target_sqnr:g} dB, {len(result.left_float)} layers stay float "
+        notes.append(f"to reach {goal}, {len(result.left_float)} layers stay float "
                      f"({', '.join(result.left_float[:5])}{', ...' if len(result.left_float) > 5 else ''}): "
-                     f"{result.before_db:.2f} -> {result.after_db:.2f} dB")
+                     f"{result.before} -> {result.after}")
         log.info("%s", notes[-1])
     if not result.met:
-        notes.append(f"target {config.target_sqnr:g} dB not reached: {result.after_db:.2f} dB with every layer "
-                     "float")
+        notes.append(f"target ({goal}) not reached: {result.after} with every layer float")
         log.warning("%s", notes[-1])
     return result.plan, ranges.subset(result.plan.activation_names())
 

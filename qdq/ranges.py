@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from qdq.calibrate.histogram import Histogram
 from qdq.scheme import symmetric_scale
 
 # Ops whose output holds exactly the values of their data input, so it has the same amax.
@@ -21,7 +22,8 @@ class TensorRanges:
 
     ``scales`` holds float32 scales that must be used bit for bit (a TensorRT calibration cache stores the
     scale, not the amax); for other tensors the scale is ``float32(amax / 127)``. ``header`` keeps a cache's
-    first line so that writing it back reproduces the file.
+    first line so that writing it back reproduces the file. ``histograms`` are the calibration statistics of the
+    histogram methods (for reports; O(bins) each).
     """
 
     amax: Mapping[str, float]
@@ -29,6 +31,7 @@ class TensorRanges:
     samples: int = 0
     scales: Mapping[str, float] = field(default_factory=dict)
     header: str | None = None
+    histograms: Mapping[str, Histogram] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name, value in self.amax.items():
@@ -55,7 +58,8 @@ class TensorRanges:
 
     def subset(self, names: list[str]) -> TensorRanges:
         return TensorRanges({n: self.amax[n] for n in names}, method=self.method, samples=self.samples,
-                            scales={n: self.scales[n] for n in names if n in self.scales}, header=self.header)
+                            scales={n: self.scales[n] for n in names if n in self.scales}, header=self.header,
+                            histograms={n: self.histograms[n] for n in names if n in self.histograms})
 
     def merged(self, other: TensorRanges) -> TensorRanges:
         """These ranges completed by ``other``'s (ours win where both have a tensor)."""
@@ -63,7 +67,8 @@ class TensorRanges:
             return other
         method = self.method if self.method == other.method else f"{self.method}+{other.method}"
         return TensorRanges({**other.amax, **self.amax}, method=method, samples=other.samples or self.samples,
-                            scales={**other.scales, **self.scales}, header=self.header)
+                            scales={**other.scales, **self.scales}, header=self.header,
+                            histograms={**other.histograms, **self.histograms})
 
     def shared(self, groups: tuple[tuple[str, ...], ...]) -> TensorRanges:
         """Each group's members all take the group's largest range (one scale for a Concat and its inputs)."""
@@ -79,7 +84,8 @@ class TensorRanges:
                     scales[name] = self.scales[widest]
                 else:
                     scales.pop(name, None)
-        return TensorRanges(amax, method=self.method, samples=self.samples, scales=scales, header=self.header)
+        return TensorRanges(amax, method=self.method, samples=self.samples, scales=scales, header=self.header,
+                            histograms=self.histograms)
 
     def save(self, path: str | os.PathLike[str], fmt: str | None = None) -> None:
         from qdq.range_files import write_ranges

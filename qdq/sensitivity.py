@@ -13,7 +13,8 @@ import onnx
 from tqdm import tqdm
 
 from qdq.calibrate.data import Dataset
-from qdq.compare import compare_models
+from qdq.compare import OutputMetrics, compare_models
+from qdq.errors import DataError
 from qdq.passes.materialize import MaterializeQDQ
 from qdq.placement.plan import Decision, QuantPlan
 from qdq.ranges import TensorRanges
@@ -69,9 +70,12 @@ class Evaluator:
             model, ranges, data, float_session, weights)
 
     def __call__(self, plan: QuantPlan) -> float:
+        return self.metrics(plan).sqnr_db
+
+    def metrics(self, plan: QuantPlan) -> OutputMetrics:
         ranges = self.ranges.subset(plan.activation_names())
         quantized = MaterializeQDQ(plan, ranges, weights=self.weights).run(self.model).model
-        return compare_models(self.float_session, quantized, self.data).outputs[0].sqnr_db
+        return compare_models(self.float_session, quantized, self.data).outputs[0]
 
 
 def layer_sensitivity(plan: QuantPlan, evaluate: Evaluator, *, progress: bool = False) -> SensitivityReport:
@@ -90,29 +94,56 @@ def layer_sensitivity(plan: QuantPlan, evaluate: Evaluator, *, progress: bool = 
 
 
 @dataclass(frozen=True)
+class Goal:
+    """What the fallback must reach: a first-output SQNR in dB, or at most a top-1 agreement drop in percent."""
+
+    min_sqnr_db: float | None = None
+    max_top1_drop: float | None = None
+
+    def met(self, metrics: OutputMetrics) -> bool:
+        if self.min_sqnr_db is not None and metrics.sqnr_db < self.min_sqnr_db:
+            return False
+        if self.max_top1_drop is not None:
+            if metrics.top1_agreement is None:
+                raise DataError(f"a top-1 target needs a [batch, classes] first output; {metrics.name} is not one")
+            return 100 * (1 - metrics.top1_agreement) <= self.max_top1_drop
+        return True
+
+    def describe(self, metrics: OutputMetrics) -> str:
+        parts = [f"{metrics.sqnr_db:.2f} dB"]
+        if metrics.top1_agreement is not None:
+            parts.append(f"top-1 agreement {100 * metrics.top1_agreement:.2f}%")
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        wanted = ([f"{self.min_sqnr_db:g} dB"] if self.min_sqnr_db is not None else []) + (
+            [f"a top-1 drop of at most {self.max_top1_drop:g}%"] if self.max_top1_drop is not None else [])
+        return " and ".join(wanted)
+
+
+@dataclass(frozen=True)
 class Fallback:
     plan: QuantPlan
     left_float: tuple[str, ...]
-    before_db: float
-    after_db: float
+    before: str
+    after: str
     met: bool
 
 
-def fall_back_to_target(plan: QuantPlan, evaluate: Evaluator, target_db: float, *, progress: bool = False
-                        ) -> Fallback:
-    """Leave the most sensitive layers float, one more at a time, until the output SQNR reaches ``target_db``."""
-    before = evaluate(plan)
-    if before >= target_db:
-        return Fallback(plan, (), before, before, True)
+def fall_back(plan: QuantPlan, evaluate: Evaluator, goal: Goal, *, progress: bool = False) -> Fallback:
+    """Leave the most sensitive layers float, one more at a time, until ``goal`` is met on the evaluation data."""
+    first = evaluate.metrics(plan)
+    if goal.met(first):
+        return Fallback(plan, (), goal.describe(first), goal.describe(first), True)
     ranking = layer_sensitivity(plan, evaluate, progress=progress)
     quantized = {d.node for d in plan.quantized_nodes()}
     left: list[str] = []
-    current, after = plan, before
+    current, metrics = plan, first
     for layer in ranking.layers:
         left.append(layer.node)
         current = restrict(plan, quantized - set(left))
-        after = evaluate(current)
-        log.info("left %s float: %.2f dB", layer.node, after)
-        if after >= target_db:
-            return Fallback(current, tuple(left), before, after, True)
-    return Fallback(current, tuple(left), before, after, False)
+        metrics = evaluate.metrics(current)
+        log.info("left %s float: %s", layer.node, goal.describe(metrics))
+        if goal.met(metrics):
+            return Fallback(current, tuple(left), goal.describe(first), goal.describe(metrics), True)
+    return Fallback(current, tuple(left), goal.describe(first), goal.describe(metrics), False)

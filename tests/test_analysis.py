@@ -126,3 +126,13 @@ def test_inspect_a_model_quantized_by_onnx_runtime(tmp_path, rng):
     assert {p.kind for p in found.pairs} == {"activation", "weight"}
     assert any(p.granularity.startswith("per channel (axis 0, 16") for p in found.pairs if p.kind == "weight")
     assert any(n[1] == "Conv" and n[2] >= 2 for n in found.int8_nodes)
+
+
+def test_max_top1_drop_leaves_layers_float_until_agreement_is_met():
+    config = qdq.QuantizeConfig(max_top1_drop=0.0)  # every eval sample must keep its float argmax
+    result = qdq.quantize(DIGITS / "digits.onnx", DIGITS / "calib.npz", evaluation_data=DIGITS / "eval.npz",
+                          config=config)
+    assert result.report.comparison.outputs[0].top1_agreement == 1.0
+    assert any("a top-1 drop of at most 0%" in note for note in result.report.notes)
+    with pytest.raises(ValueError, match="max_top1_drop"):
+        qdq.QuantizeConfig(max_top1_drop=120)

@@ -152,3 +152,12 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", "model.onnx"])
     assert exit_info.value.code == 2
+
+
+def test_quantize_json_summary(tmp_path, capsys):
+    import json
+
+    code, out, _ = run(capsys, "quantize", DIGITS / "digits.onnx", "-o", tmp_path / "m.onnx", *DEMO, "--json", "-q")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["activations"] == 6 and doc["comparison"]["quant_accuracy"] > 0.97 and "relu_2" in doc["ranges"]

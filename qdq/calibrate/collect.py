@@ -47,7 +47,9 @@ def collect_ranges(model: onnx.ModelProto, names: list[str], data: Dataset, conf
         samples = observe(model, group, data, stats, label=label, progress=progress)
     log.info("calibrated %d tensors (%s) on %d samples in %.1f s%s", len(names), config.method, samples,
              time.perf_counter() - started, f", {len(passes)} passes" if len(passes) > 1 else "")
-    return TensorRanges(reduce_stats(stats, config, samples), method=config.method, samples=samples)
+    histograms = {name: stat for name, stat in stats.items() if isinstance(stat, Histogram)}
+    return TensorRanges(reduce_stats(stats, config, samples), method=config.method, samples=samples,
+                        histograms=histograms)
 
 
 def new_stat(config: QuantizeConfig) -> Stat:
