@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import onnx_graphsurgeon as gs
 
-from qdq.graph import is_constant
+from qdq.graph import is_constant, producer
 
 # Ops that move or reshape values without computing new ones: Q/DQ commutes with them (TensorRT moves Q
 # backward and DQ forward through them), so a quantized neighbour through them is a quantized neighbour.
@@ -20,10 +20,6 @@ ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Relu", "LeakyRelu
 FLOAT_CORE_OPS = frozenset({"Softmax", "LogSoftmax", "LayerNormalization", "Pow", "Sqrt", "Reciprocal", "Erf",
                             "InstanceNormalization", "GroupNormalization", "SimplifiedLayerNormalization", "Gelu",
                             "ReduceSumSquare", "ReduceL2"})
-
-
-def producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if tensor.inputs else None
 
 
 def source_through_copies(tensor: gs.Tensor) -> gs.Tensor:
