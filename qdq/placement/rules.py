@@ -19,6 +19,7 @@ from qdq.placement.graph_view import (
     from_softmax,
     in_float_region,
     mask_like,
+    source_through_copies,
     static_dims,
 )
 from qdq.placement.plan import Decision, QuantInput
@@ -85,8 +86,8 @@ def tiny_conv(node: gs.Node, ctx: PlanContext) -> str | None:
         out_channels, in_channels = int(shape[0]), int(shape[1]) * group
     else:
         in_channels, out_channels = int(shape[0]), int(shape[1]) * group
-    if node.inputs[0].name in ctx.graph_inputs:
-        return None
+    if source_through_copies(node.inputs[0]).name in ctx.graph_inputs:
+        return None  # the first layer, even behind an NHWC->NCHW Transpose (tf2onnx exports)
     small = [c for c in (in_channels, out_channels) if c < MIN_CONV_CHANNELS and c % 8]
     if small:
         return (f"{in_channels} input and {out_channels} output channels: below {MIN_CONV_CHANNELS} and not a "
