@@ -43,13 +43,31 @@ class CastToFP16:
     def run(self, model: onnx.ModelProto) -> PassResult:
         model = UpgradeOpset(FP16_MIN_OPSET).run(model).model
         types = tensor_types(model)
-        half = {n.name: wants_fp16(n, model, types) for n in model.graph.node}
+        links = Links(model)
+        half = {n.name: wants_fp16(n, links, types) for n in model.graph.node}
         settle_qdq(model, half)
         kept = sum(1 for n in model.graph.node if n.op_type not in QDQ and not half[n.name] and float_node(n, types))
         converted = rewrite(model, half, types)
         note = (f"float parts cast to FP16: {sum(half.values())} nodes in FP16, {kept} float nodes kept in FP32 "
                 "(normalisations, Softmax, reductions, exp/log/pow and their neighbours)")
         return PassResult(converted, modified=True, notes=(note,))
+
+
+class Links:
+    """Producers, readers and small constants of a graph, built once (rules ask them for every node)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.made_by = {o: n for n in model.graph.node for o in n.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.small_constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+                                if np.prod(i.dims, dtype=np.int64) <= 16}
+
+    def neighbours(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        sources = [self.made_by[t] for t in node.input if t in self.made_by]
+        return sources + [r for out in node.output for r in self.readers.get(out, [])]
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -68,32 +86,28 @@ def float_node(node: onnx.NodeProto, types: dict[str, int]) -> bool:
     return any(types.get(t) == FP32 for t in (*node.input, *node.output) if t)
 
 
-def wants_fp16(node: onnx.NodeProto, model: onnx.ModelProto, types: dict[str, int]) -> bool:
+def wants_fp16(node: onnx.NodeProto, links: Links, types: dict[str, int]) -> bool:
     if node.op_type in QDQ or node.op_type in KEEP_FP32_OPS or node.domain not in ("", "ai.onnx"):
         return False
     if not float_node(node, types) or node.op_type == "Cast":
         return False
-    if node.op_type in ELEMENTWISE and near_fp32_core(node, model):
+    if node.op_type in ELEMENTWISE and near_fp32_core(node, links):
         return False
-    return not (node.op_type == "Add" and reads_mask(node, model))
+    return not (node.op_type == "Add" and reads_mask(node, links))
 
 
-def near_fp32_core(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+def near_fp32_core(node: onnx.NodeProto, links: Links) -> bool:
     """An elementwise op reading from or feeding a kept-FP32 op: part of a decomposed LayerNorm or GELU."""
-    made_by = {o: n for n in model.graph.node for o in n.output}
-    readers = [n for n in model.graph.node if set(n.input) & set(node.output)]
-    sources = [made_by[t] for t in node.input if t in made_by]
-    return any(n.op_type in KEEP_FP32_OPS - {"Constant", "ConstantOfShape"} for n in (*readers, *sources))
+    return any(n.op_type in KEEP_FP32_OPS - {"Constant", "ConstantOfShape"} for n in links.neighbours(node))
 
 
-def reads_mask(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
-    constants = {i.name: i for i in model.graph.initializer}
+def reads_mask(node: onnx.NodeProto, links: Links) -> bool:
+    """An Add of a huge constant (-1e4, -inf) or one feeding a Softmax: an attention mask."""
     for name in node.input:
-        if name in constants:
-            values = numpy_helper.to_array(constants[name])
-            if values.size <= 16 and values.dtype.kind == "f" and np.any(np.abs(values) >= 1e4):
-                return True
-    return any(n.op_type == "Softmax" for n in model.graph.node if set(n.input) & set(node.output))
+        values = links.small_constants.get(name)
+        if values is not None and values.dtype.kind == "f" and np.any(np.abs(values) >= 1e4):
+            return True
+    return any(r.op_type == "Softmax" for out in node.output for r in links.readers.get(out, []))
 
 
 def settle_qdq(model: onnx.ModelProto, half: dict[str, bool]) -> None:
@@ -165,15 +179,25 @@ def rewrite(model: onnx.ModelProto, half: dict[str, bool], types: dict[str, int]
 
 
 def sort_topologically(graph: onnx.GraphProto) -> None:
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ValueError("the graph has a cycle or a dangling input")
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-        pending = [n for n in pending if n not in ready]
+    """Kahn's algorithm over node indices (the Casts were appended at the end)."""
+    nodes = list(graph.node)
+    made_by = {o: i for i, n in enumerate(nodes) for o in n.output}
+    waiting = [sum(1 for t in set(n.input) if t in made_by) for n in nodes]
+    readers: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for t in set(node.input):
+            if t in made_by:
+                readers.setdefault(made_by[t], []).append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    order = []
+    while ready:
+        i = ready.pop(0)
+        order.append(i)
+        for j in readers.get(i, []):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.append(j)
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
     del graph.node[:]
-    graph.node.extend(ordered)
+    graph.node.extend(nodes[i] for i in order)
