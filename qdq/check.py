@@ -53,6 +53,10 @@ class _Graph:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.outputs = {o.name for o in model.graph.output}
+        self.types = {i.name: i.data_type for i in model.graph.initializer}
+        for info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+            if info.type.HasField("tensor_type"):
+                self.types.setdefault(info.name, info.type.tensor_type.elem_type)
 
     def value(self, name: str) -> np.ndarray | None:
         tensor = self.constants.get(name)
@@ -61,10 +65,7 @@ class _Graph:
     def elem_type(self, name: str) -> int | None:
         if name in self.constants:
             return self.constants[name].data_type
-        for info in (*self.model.graph.input, *self.model.graph.value_info, *self.model.graph.output):
-            if info.name == name and info.type.HasField("tensor_type"):
-                return info.type.tensor_type.elem_type
-        return None
+        return self.types.get(name)
 
 
 def check_model(model: onnx.ModelProto) -> list[Finding]:
