@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -11,7 +9,6 @@ import onnx_graphsurgeon as gs
 # what matters through its own logger.
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
-log = logging.getLogger(__name__)
 
 FLOAT32 = onnx.TensorProto.FLOAT
 

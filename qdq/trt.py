@@ -8,7 +8,6 @@ has strongly typed networks; where the flag is missing, the INT8 and FP16 builde
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shlex
@@ -21,8 +20,6 @@ import numpy as np
 
 from qdq.errors import MissingDependencyError, QdqError
 from qdq.model_io import check_writable, write_atomic
-
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("install TensorRT 10 or 11 with its Python bindings on a machine with an NVIDIA GPU and driver: "
                 "pip install 'qdq[trt]' (see NVIDIA's TensorRT installation guide)")

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import onnx
 
 from qdq.graph import structure_only
 from qdq.model_io import first_line
 from qdq.passes.base import PassResult
-
-log = logging.getLogger(__name__)
 
 
 class InferShapes:
