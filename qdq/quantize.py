@@ -34,7 +34,7 @@ from qdq.passes.opset import UpgradeOpset
 from qdq.passes.shapes import InferShapes
 from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges, inherit_through_copies
-from qdq.runtime import make_session
+from qdq.runtime import Session, make_session
 from qdq.sensitivity import Evaluator, Goal, SensitivityReport, fall_back, layer_sensitivity
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,9 @@ def quantize(
         warn_unknown_names(ranges, source)
     used = plan_ranges(prepared, plan, calibration, config, ranges, notes, progress=progress)
     if config.target_sqnr is not None or config.max_top1_drop is not None:
-        plan, used = meet_target(prepared, plan, used, evaluation, config, notes, progress=progress)
+        plan, used, float_session = meet_target(prepared, plan, used, evaluation, config, notes, progress=progress)
+    else:
+        float_session = None
 
     quantized = MaterializeQDQ(plan, used, weights=config.weights).run(prepared).model
     if config.high_precision == "fp16":
@@ -135,8 +137,8 @@ def quantize(
                     tuple(notes))
     stamp_metadata(quantized, config, report, used, plan)
     check_quantized(quantized)
-    comparison = None if evaluation is None else compare_models(prepared, quantized, evaluation, labels,
-                                                                progress=progress)
+    comparison = None if evaluation is None else compare_models(
+        float_session or prepared, quantized, evaluation, labels, progress=progress)
     report = dataclasses.replace(report, comparison=comparison, seconds=time.perf_counter() - started)
     return QuantizeResult(quantized, used, plan, report)
 
@@ -157,12 +159,17 @@ def calibrate(
 
 
 def meet_target(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, evaluation: Dataset | None,
-                config: QuantizeConfig, notes: list[str], *, progress: bool) -> tuple[QuantPlan, TensorRanges]:
-    """Leave the most sensitive layers float until the target SQNR or top-1 drop is met."""
+                config: QuantizeConfig, notes: list[str], *, progress: bool
+                ) -> tuple[QuantPlan, TensorRanges, Session]:
+    """Leave the most sensitive layers float until the target SQNR or top-1 drop is met.
+
+    Also returns the float model's session, which the final comparison reuses.
+    """
     goal = Goal(config.target_sqnr, config.max_top1_drop)
     if evaluation is None:
         raise DataError(f"a target ({goal}) needs evaluation data to measure it on (--eval, or evaluation_data)")
-    evaluator = Evaluator(model, ranges, evaluation, make_session(model, what="the float model"), config.weights)
+    float_session = make_session(model, what="the float model")
+    evaluator = Evaluator(model, ranges, evaluation, float_session, config.weights)
     result = fall_back(plan, evaluator, goal, progress=progress)
     if result.left_float:
         notes.append(f"to reach {goal}, {len(result.left_float)} layers stay float "
@@ -172,7 +179,7 @@ def meet_target(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, e
     if not result.met:
         notes.append(f"target ({goal}) not reached: {result.after} with every layer float")
         log.warning("%s", notes[-1])
-    return result.plan, ranges.subset(result.plan.activation_names())
+    return result.plan, ranges.subset(result.plan.activation_names()), float_session
 
 
 def sensitivity(
