@@ -14,7 +14,7 @@ from tqdm import tqdm
 from qdq.calibrate.data import Dataset
 from qdq.errors import DataError
 from qdq.model_io import first_line
-from qdq.runtime import Session, make_session, session_exposing
+from qdq.runtime import Session, make_session, quantized_session, session_exposing
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def compare_models(float_model: onnx.ModelProto | Session, quant_model: onnx.Mod
     """
     float_session = float_model if isinstance(float_model, Session) else make_session(float_model,
                                                                                        what="the float model")
-    quant_session = make_session(quant_model, what="the quantized model")
+    quant_session = quantized_session(quant_model)
     names = [o.name for o in float_session.get_outputs()]
     accumulators = {name: OutputAccumulator() for name in names}
     predictions: dict[str, list[np.ndarray]] = {"float": [], "quant": []}
@@ -180,7 +180,7 @@ def attribute_error(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, 
     exposed = [t for t in tensors if t not in inputs]  # graph inputs come from the feeds
     dequantized_names = [dq for _, dq in pairs]
     float_session = session_exposing(float_model, exposed, what="the float model") if exposed else None
-    quant_session = session_exposing(quant_model, exposed + dequantized_names, what="the quantized model")
+    quant_session = quantized_session(quant_model, exposed + dequantized_names)
     local = {t: OutputAccumulator() for t in tensors}
     total = {t: OutputAccumulator() for t in tensors}
     channels = {t: ChannelAccumulator() for t in tensors}

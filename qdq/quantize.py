@@ -34,7 +34,7 @@ from qdq.passes.opset import UpgradeOpset
 from qdq.passes.shapes import InferShapes
 from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges, inherit_through_copies
-from qdq.runtime import Session, make_session
+from qdq.runtime import Session, make_session, quantized_session
 from qdq.sensitivity import Evaluator, Goal, SensitivityReport, fall_back, layer_sensitivity
 
 log = logging.getLogger(__name__)
@@ -281,4 +281,4 @@ def check_quantized(model: onnx.ModelProto) -> None:
                           + "; ".join(map(str, errors[:3])))
     for finding in findings:
         log.warning("%s", finding)
-    make_session(model, optimize=False, what="the quantized model")  # a load check; no DQ folding
+    quantized_session(model)  # a load check

@@ -261,9 +261,9 @@ def verify_engine(model: Any, engine: Path, data: Any, *, batch_size: int | None
     """Run the engine and ONNX Runtime on the same data; per-output SQNR, max error and top-1 agreement."""
     from qdq.calibrate.data import input_specs, open_data
     from qdq.compare import Comparison, OutputAccumulator
-    from qdq.runtime import make_session
+    from qdq.runtime import quantized_session
 
-    session = make_session(model, what="the quantized model")
+    session = quantized_session(model)
     names = [o.name for o in session.get_outputs()]
     accumulators = {name: OutputAccumulator() for name in names}
     samples = 0

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, parse, quantize_with_onnxruntime
+from conftest import DIGITS, parse, quantize_with_onnxruntime, run_ort, sqnr_db
 from onnx import numpy_helper
 
 import qdq
@@ -136,3 +136,21 @@ def test_max_top1_drop_leaves_layers_float_until_agreement_is_met():
     assert any("a top-1 drop of at most 0%" in note for note in result.report.notes)
     with pytest.raises(ValueError, match="max_top1_drop"):
         qdq.QuantizeConfig(max_top1_drop=120)
+
+
+def test_reported_sqnr_is_the_graph_arithmetic(rng):
+    """The SQNR qdq reports is what the Q/DQ graph computes (ORT, optimisations off), not ORT's int8 kernels.
+
+    With its optimisations on, ORT fuses Q/DQ into int8 CPU kernels chosen by instruction set (u8s8 saturates
+    without VNNI), so the figure would depend on the machine; the graph's arithmetic does not.
+    """
+    calib = DIGITS / "calib.npz"
+    result = qdq.quantize(DIGITS / "digits.onnx", calibration_data=calib, evaluation_data=calib)
+    reported = result.report.comparison.outputs[0]
+    float_model = onnx.load(DIGITS / "digits.onnx")
+    data = np.load(calib)
+    feeds = {name: data[name] for name in data.files}
+    name = reported.name
+    ref = run_ort(float_model, feeds, [name])[0]
+    test = run_ort(result.model, feeds, [name])[0]
+    assert reported.sqnr_db == pytest.approx(sqnr_db(ref, test), abs=0.01)

@@ -296,3 +296,23 @@ def test_explain_cli_prints_every_node_and_a_summary(capsys):
     assert "[tiny-gemm] K=64, N=10" in out and "[residual-add]" in out and "nodes quantized" in out
     assert main(["explain", str(ROOT / "models/digits/digits.onnx"), "--json"]) == 0
     assert '"rule": "weighted-op"' in capsys.readouterr().out
+
+
+# Omitted optional inputs are the empty name (Resize's roi, Clip's min). Real exports are full of them; with
+# shape inference skipped, the planner asks ONNX Runtime for the unknown dtypes, and "" must not be asked for.
+OPTIONAL_INPUTS = HEADER + """
+g (float[1, 16, 8, 8] x) => (float[1, 16, 16, 16] y)
+<float[16, 16, 3, 3] w = {0.0}, int64[4] sizes = {1, 16, 16, 16}, float hi = {6.0}> {
+  up = Resize <mode = "nearest"> (x, , , sizes)
+  clipped = Clip (up, , hi)
+  y = Conv <pads = [1, 1, 1, 1]> (clipped, w)
+}"""
+
+
+def test_omitted_optional_inputs_are_not_tensors(rng):
+    model = parse(OPTIONAL_INPUTS, rng)
+    plan = plan_quantization(model)  # straight from the file: no shape inference, so dtypes come from ORT
+    conv = next(d for d in plan.decisions if d.op == "Conv")
+    assert conv.quantized and "clipped" in [q.tensor for q in conv.inputs], conv
+    result = qdq.quantize(model, calibration_data=[{"x": rng.normal(size=(1, 16, 8, 8)).astype(np.float32)}])
+    assert len(nodes_by_op(result.model, "QuantizeLinear")) == 1

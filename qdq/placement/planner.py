@@ -87,7 +87,9 @@ def is_constant_float32(tensor: gs.Constant) -> bool:
 
 def learn_float32(model: onnx.ModelProto, graph: gs.Graph):
     """A float32 test for variables: shape inference's dtype where known, else the type ONNX Runtime infers."""
-    unknown = sorted({t.name for n in graph.nodes for t in n.inputs if not is_constant(t) and t.dtype is None})
+    # An omitted optional input (Resize's roi, LSTM's sequence_lens, Clip's min) is the empty name: no tensor.
+    unknown = sorted({t.name for n in graph.nodes for t in n.inputs
+                      if t.name and not is_constant(t) and t.dtype is None})
     ort_types = output_types(model, unknown) if unknown else {}
 
     def known(tensor: gs.Tensor) -> bool:
