@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from qdq.optimize import TECHNIQUES
 from qdq.placement.planner import PlacementOptions
 
 WeightFormat = Literal["int8", "float"]
@@ -45,6 +46,11 @@ class QuantizeConfig:
             reductions and exp/log/pow, and raises the opset to 19 for FP16 Q/DQ scales.
         target_sqnr: leave the most sensitive layers float until the first output's SQNR against the float
             model reaches this many dB on the evaluation data (which it then needs).
+        optimize: how hard to work for accuracy beyond calibrated ranges (``qdq.optimize``): 0 is nearest
+            rounding and nothing else; 1 (default) adds SmoothQuant, learned rounding (greedy) and bias
+            correction; 2 adds cross-layer equalization and AdaRound's relaxation before the greedy flips.
+        techniques: exactly these techniques (names in ``qdq.optimize.TECHNIQUES``), overriding the level's
+            set; ``()`` for none. ``optimize`` still sets how many rounding iterations are spent.
         max_top1_drop: likewise, until the first output's top-1 agreement with the float model is at least
             100 - this percent (a classifier's ``[batch, classes]`` output).
     """
@@ -62,6 +68,8 @@ class QuantizeConfig:
     high_precision: str = "fp32"
     target_sqnr: float | None = None
     max_top1_drop: float | None = None
+    optimize: int = 1
+    techniques: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for field in ("exclude_nodes", "exclude_op_types", "include_op_types"):
@@ -74,6 +82,14 @@ class QuantizeConfig:
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"exclude_nodes: {pattern!r} is not a regular expression ({exc})") from None
+        if self.optimize not in (0, 1, 2):
+            raise ValueError(f"optimize must be 0, 1 or 2, got {self.optimize!r}")
+        if self.techniques is not None:
+            if isinstance(self.techniques, str) or not all(isinstance(t, str) for t in self.techniques):
+                raise ValueError(f"techniques must be a sequence of names, got {self.techniques!r}")
+            object.__setattr__(self, "techniques", tuple(self.techniques))
+            if unknown := [t for t in self.techniques if t not in TECHNIQUES]:
+                raise ValueError(f"unknown techniques {', '.join(unknown)}: choose from {', '.join(TECHNIQUES)}")
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):

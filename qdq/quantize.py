@@ -23,6 +23,7 @@ from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, DataError, OutputError
 from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
+from qdq.optimize.pipeline import after_calibration, before_calibration
 from qdq.passes.base import run_passes
 from qdq.passes.fold_batchnorm import FoldBatchNorm
 from qdq.passes.fold_constants import FoldConstants
@@ -123,13 +124,19 @@ def quantize(
         log.warning("%s", notes[-1])
     if ranges is not None:
         warn_unknown_names(ranges, source)
-    used = plan_ranges(prepared, plan, calibration, config, ranges, notes, progress=progress)
+    # ``working`` is what gets quantized (float-exact rewrites, then re-rounded weights); ``prepared`` stays the
+    # float reference the output is compared with.
+    working, technique_notes = before_calibration(prepared, plan, calibration, config, ranges_given=ranges is not None)
+    notes.extend(technique_notes)
+    used = plan_ranges(working, plan, calibration, config, ranges, notes, progress=progress)
     if config.target_sqnr is not None or config.max_top1_drop is not None:
-        plan, used, float_session = meet_target(prepared, plan, used, evaluation, config, notes, progress=progress)
+        plan, used, float_session = meet_target(working, plan, used, evaluation, config, notes, progress=progress)
     else:
         float_session = None
+    working, technique_notes = after_calibration(working, plan, used, calibration, config)
+    notes.extend(technique_notes)
 
-    quantized = MaterializeQDQ(plan, used, weights=config.weights).run(prepared).model
+    quantized = MaterializeQDQ(plan, used, weights=config.weights).run(working).model
     if config.high_precision == "fp16":
         quantized, fp16_notes = run_passes(quantized, [CastToFP16()])
         notes.extend(fp16_notes)

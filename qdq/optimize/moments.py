@@ -1,0 +1,103 @@
+"""The first and second moments of each layer's input patches, streamed over the calibration data.
+
+Measured through the quantized model (its Q/DQ activations and quantized upstream weights), so that each layer
+is corrected for the inputs it will see once deployed ("empirical" bias correction), not the float model's.
+Each statistic is O(K²) per group and mergeable; layers are observed a few at a time so that the exposed
+activations and the Gram matrices stay within a fixed budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from qdq.calibrate.data import Dataset
+from qdq.errors import DataError
+from qdq.model_io import first_line
+from qdq.optimize.layers import Layer
+from qdq.runtime import session_exposing
+
+log = logging.getLogger(__name__)
+
+# Gram matrices held at once (float64 bytes); a model with more is observed in several passes.
+GRAM_BUDGET_BYTES = 256 << 20
+# Patches per layer and batch that enter the Gram matrix (a random, seeded subset above this): the mean uses all.
+GRAM_ROWS_PER_BATCH = 4096
+
+
+@dataclass
+class Moments:
+    """Count, sum and (optionally) Gram matrix of a layer's input patches, per group."""
+
+    count: int = 0
+    total: np.ndarray | None = None  # [groups, K]
+    gram_rows: int = 0
+    gram: np.ndarray | None = None  # [groups, K, K]
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+
+    def update(self, patches: np.ndarray, *, with_gram: bool) -> None:
+        rows = patches.shape[1]
+        total = patches.sum(axis=1)
+        self.total = total if self.total is None else self.total + total
+        self.count += rows
+        if with_gram:
+            if rows > GRAM_ROWS_PER_BATCH:
+                patches = patches[:, np.sort(self.rng.choice(rows, GRAM_ROWS_PER_BATCH, replace=False))]
+            gram = np.einsum("gmk,gml->gkl", patches, patches)
+            self.gram = gram if self.gram is None else self.gram + gram
+            self.gram_rows += patches.shape[1]
+
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    def second(self) -> np.ndarray:
+        """``E[patch patch^T]`` per group."""
+        return self.gram / max(self.gram_rows, 1)
+
+
+def collect_moments(quantized: onnx.ModelProto, layers: list[Layer], data: Dataset, *,
+                    with_gram: bool) -> dict[str, Moments]:
+    """Moments of each layer's input in ``quantized`` (a Q/DQ model whose node names are the layers')."""
+    inputs = {n.name: n.input[0] for n in quantized.graph.node}
+    moments = {layer.node: Moments() for layer in layers}
+    groups = list(budgeted(layers, with_gram))
+    if len(groups) > 1 and not data.rereadable():
+        raise DataError("the weight techniques need data that can be read more than once for this model "
+                        "(a file, a folder, a list); a one-shot iterator was given")
+    graph_inputs = {i.name for i in quantized.graph.input}
+    for group in groups:
+        names = sorted({inputs[layer.node] for layer in group} - graph_inputs)
+        session = session_exposing(quantized, names, optimize=False, what="the quantized model") if names else None
+        for number, batch in enumerate(data, start=1):
+            try:
+                values = dict(zip(names, session.run(names, batch.feeds), strict=True)) if session else {}
+            except Exception as exc:  # ORT's InvalidArgument / Fail
+                raise DataError(f"ONNX Runtime failed on batch {number} of {data.name}: {first_line(exc)}") from exc
+            for layer in group:
+                name = inputs[layer.node]
+                x = values[name] if name in values else batch.feeds[name]
+                moments[layer.node].update(layer.patches(x), with_gram=with_gram)
+    log.info("measured the inputs of %d layers in %d passes", len(layers), len(groups))
+    return moments
+
+
+def budgeted(layers: list[Layer], with_gram: bool):
+    """Consecutive groups of layers whose Gram matrices fit the budget together (each at least one layer)."""
+    group: list[Layer] = []
+    used = 0
+    for layer in layers:
+        cost = gram_bytes(layer) if with_gram else 0
+        if group and used + cost > GRAM_BUDGET_BYTES:
+            yield group
+            group, used = [], 0
+        group.append(layer)
+        used += cost
+    if group:
+        yield group
+
+
+def gram_bytes(layer: Layer) -> int:
+    return 8 * layer.groups * layer.features ** 2

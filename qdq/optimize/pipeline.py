@@ -1,0 +1,59 @@
+"""Where the techniques run in ``quantize``: float-exact rewrites before calibration, weights after it."""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from qdq.calibrate.data import Dataset
+from qdq.config import QuantizeConfig
+from qdq.optimize import ROUNDING_ITERATIONS, chosen_techniques
+from qdq.optimize.equalize import equalize
+from qdq.optimize.smoothquant import smooth
+from qdq.optimize.weights import optimize_weights
+from qdq.placement.plan import QuantPlan
+from qdq.ranges import TensorRanges
+
+log = logging.getLogger(__name__)
+
+
+def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, config: QuantizeConfig, *,
+                       ranges_given: bool) -> tuple[onnx.ModelProto, list[str]]:
+    """Equalization and SmoothQuant: they rescale activations, so they come before the ranges are measured.
+
+    Skipped when ranges are given (a range file describes the tensors of the untransformed model).
+    """
+    chosen = chosen_techniques(config.optimize, config.techniques)
+    wanted = [t for t in ("equalize", "smoothquant") if t in chosen]
+    if not wanted:
+        return model, []
+    if ranges_given:
+        return model, [f"{' and '.join(wanted)} skipped: ranges were given, and they describe the untransformed "
+                       "model's tensors"]
+    notes: list[str] = []
+    if "equalize" in wanted:
+        model, more = equalize(model, plan)
+        notes.extend(more)
+    if "smoothquant" in wanted:
+        if data is None:
+            notes.append("smoothquant skipped: it needs calibration data")
+        else:
+            model, more = smooth(model, plan, data, config)
+            notes.extend(more)
+    return model, notes
+
+
+def after_calibration(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, data: Dataset | None,
+                      config: QuantizeConfig) -> tuple[onnx.ModelProto, list[str]]:
+    """Learned rounding and bias correction, measured through the model quantized with ``ranges``."""
+    chosen = chosen_techniques(config.optimize, config.techniques)
+    rounding = "adaround" in chosen and config.weights in ("int8", "float")
+    bias = "bias-correction" in chosen
+    if not (rounding or bias) or not plan:
+        return model, []
+    if data is None:
+        return model, ["adaround and bias-correction skipped: they need calibration data"]
+    return optimize_weights(model, plan, ranges, data,
+                            rounding_iterations=ROUNDING_ITERATIONS[config.optimize] if rounding else None,
+                            bias_correction=bias)

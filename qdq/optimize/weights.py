@@ -1,0 +1,108 @@
+"""The weight side: learned rounding, then bias correction, on the model the Q/DQ pass will quantize.
+
+Learned rounding writes each chosen grid point back as the float weight (``s·q``), so that the Q/DQ pass,
+which rounds to nearest, stores exactly the chosen integers with the same scales. Bias correction then
+measures the mean input of every layer through the model quantized that way and folds the shift into the
+biases. The float reference the output is compared with is the model before either.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import numpy as np
+import onnx
+
+from qdq.calibrate.data import Dataset
+from qdq.optimize.adaround import channel_errors, learned_rounding, nearest
+from qdq.optimize.bias_correction import apply_correction, mean_shift
+from qdq.optimize.layers import Layer, find_layers, initializer_values, replace_initializer
+from qdq.optimize.moments import Moments, collect_moments
+from qdq.passes.materialize import MaterializeQDQ
+from qdq.placement.plan import QuantPlan
+from qdq.ranges import TensorRanges
+
+log = logging.getLogger(__name__)
+
+
+def optimize_weights(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, data: Dataset, *,
+                     rounding_iterations: int | None, bias_correction: bool) -> tuple[onnx.ModelProto, list[str]]:
+    """The model with re-rounded weights (``rounding_iterations`` not None: 0 is the greedy polish only) and
+    corrected biases. ``model`` is not modified."""
+    layers, skipped = find_layers(model, plan)
+    notes = [f"weight techniques skip {len(skipped)} layers: {', '.join(skipped[:5])}"] if skipped else []
+    if not layers:
+        return model, notes
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    original = initializer_values(model)
+    if rounding_iterations is not None:
+        notes.append(round_weights(out, layers, plan, ranges, data, original, rounding_iterations))
+    if bias_correction:
+        notes.append(correct_biases(out, layers, plan, ranges, data, original))
+    return out, notes
+
+
+def round_weights(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, ranges: TensorRanges,
+                  data: Dataset, original: dict[str, np.ndarray], iterations: int) -> str:
+    started = time.perf_counter()
+    users = defaultdict(list)
+    for layer in layers:
+        users[layer.weight].append(layer)
+    readers = defaultdict(set)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name].add(node.name)
+    shared = [w for w, group in users.items() if readers[w] - {layer.node for layer in group}]
+    moments = collect_moments(quantized_model(model, plan, ranges), layers, data, with_gram=True)
+    before = after = 0.0
+    for weight, group in users.items():
+        if weight in shared:
+            continue  # a float node reads it too: its values must stay
+        layer = group[0]
+        if any(g.matrix(original[weight]).shape != layer.matrix(original[weight]).shape for g in group):
+            continue
+        w = layer.matrix(original[weight]).astype(np.float64)
+        scale = layer.channel_scales(original[weight])
+        second = combined_second(group, moments)
+        q = learned_rounding(w, scale, second, iterations=iterations)
+        before += channel_errors(nearest(w, scale), w, scale, second).sum()
+        after += channel_errors(q, w, scale, second).sum()
+        replace_initializer(model, weight, layer.unmatrix(scale[..., None] * q, original[weight]))
+    gain = 10 * np.log10(before / after) if after > 0 and before > 0 else 0.0
+    how = "greedy flips" if iterations == 0 else f"AdaRound, {iterations} iterations, then greedy flips"
+    return (f"learned rounding ({how}) on {len(users) - len(shared)} weights: their layers' output error on the "
+            f"calibration data {gain:.1f} dB below nearest rounding ({time.perf_counter() - started:.1f} s)"
+            + (f"; {len(shared)} weights also read by float nodes kept nearest" if shared else ""))
+
+
+def combined_second(group: list[Layer], moments: dict[str, Moments]) -> np.ndarray:
+    """``E[x x^T]`` over every use of a shared weight (an unrolled RNN's steps), weighted by rows."""
+    grams = [moments[layer.node] for layer in group]
+    rows = sum(m.gram_rows for m in grams)
+    return sum(m.gram for m in grams) / max(rows, 1)
+
+
+def correct_biases(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, ranges: TensorRanges,
+                   data: Dataset, original: dict[str, np.ndarray]) -> str:
+    started = time.perf_counter()
+    quantized = quantized_model(model, plan, ranges)
+    moments = collect_moments(quantized, layers, data, with_gram=False)
+    current = initializer_values(model)
+    largest = 0.0
+    for layer in layers:
+        w = original[layer.weight]
+        scale = layer.channel_scales(current[layer.weight])
+        dequantized = layer.unmatrix(scale[..., None] * nearest(layer.matrix(current[layer.weight]), scale), w)
+        shift = mean_shift(layer, w, dequantized, moments[layer.node].mean())
+        apply_correction(model, layer, shift)
+        largest = max(largest, float(np.abs(shift).max(initial=0.0)))
+    return (f"bias correction (empirical: mean inputs through the quantized model) on {len(layers)} layers, "
+            f"largest shift {largest:.3g} ({time.perf_counter() - started:.1f} s)")
+
+
+def quantized_model(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges) -> onnx.ModelProto:
+    """``model`` with Q/DQ as the output will have them (float weights behind Q/DQ: the same arithmetic)."""
+    return MaterializeQDQ(plan, ranges, weights="float").run(model).model
