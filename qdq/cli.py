@@ -27,6 +27,7 @@ from qdq.commands import (
 )
 from qdq.config import HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS
 from qdq.errors import QdqError
+from qdq.optimize import TECHNIQUES
 from qdq.range_files import FORMATS
 
 log = logging.getLogger("qdq")
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", type=Path, required=True, help="where to write the quantized model")
     add_data_args(q)
     add_method_args(q)
+    add_optimize_args(q)
     q.add_argument("--weights", choices=WEIGHT_FORMATS, default="int8",
                    help="store quantized weights as int8 + DequantizeLinear (default, 4x smaller) or float + Q/DQ")
     add_placement_args(q)
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "and the rule and reason that decided. Needs no data.")
     e.add_argument("model", type=Path, help="float ONNX model")
     add_placement_args(e)
+    add_optimize_args(e)
     e.add_argument("--json", action="store_true", help="print the plan as JSON")
     e.set_defaults(run=run_explain)
 
@@ -205,6 +208,26 @@ def add_placement_args(parser: argparse.ArgumentParser) -> None:
                        help="also quantize these op types (e.g. Add Mul Resize)")
     group.add_argument("--per-tensor-weights", action="store_true",
                        help="one scale per weight tensor instead of one per output channel")
+
+
+def add_optimize_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("accuracy techniques")
+    group.add_argument("--optimize", type=int, choices=(0, 1, 2), default=1,
+                       help="0: nearest rounding only (fastest); 1 (default): SmoothQuant, learned rounding "
+                            "(greedy) and bias correction; 2: also cross-layer equalization and AdaRound's "
+                            "relaxation (slower)")
+    group.add_argument("--techniques", type=technique_list, metavar="LIST",
+                       help=f"exactly these techniques, comma-separated, instead of the level's "
+                            f"({', '.join(TECHNIQUES)}; 'none' for none)")
+
+
+def technique_list(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if names == ("none",):
+        return ()
+    if unknown := [t for t in names if t not in TECHNIQUES]:
+        raise argparse.ArgumentTypeError(f"unknown technique {unknown[0]!r}: choose from {', '.join(TECHNIQUES)}")
+    return names
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from qdq.config import QuantizeConfig
 from qdq.errors import MissingDependencyError, QdqError
 from qdq.inspect import inspect_model
 from qdq.model_io import check_writable, load_model
-from qdq.quantize import QuantizeResult, calibrate, explain, quantize, sensitivity
+from qdq.quantize import QuantizeResult, calibrate, explain, explain_techniques, quantize, sensitivity
 from qdq.range_files import format_for_path, read_ranges, write_ranges
 from qdq.report import write_report
 
@@ -29,7 +29,8 @@ def make_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
     """The QuantizeConfig of whichever option groups this command has."""
     options = {name: getattr(args, name) for name in ("method", "percentile", "num_bins", "max_tensors_per_pass",
                                                       "batch_size", "exclude_nodes", "exclude_op_types",
-                                                      "include_op_types") if hasattr(args, name)}
+                                                      "include_op_types", "optimize", "techniques")
+               if hasattr(args, name)}
     if hasattr(args, "per_tensor_weights"):
         options["per_channel"] = not args.per_tensor_weights
     try:
@@ -72,9 +73,12 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    plan = explain(args.model, config=make_config(args))
-    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.explain())
+    config = make_config(args)
+    plan = explain(args.model, config=config)
+    techniques = explain_techniques(args.model, config=config)
+    print(json.dumps({**plan.to_dict(), "techniques": techniques}, indent=1) if args.json else plan.explain())
     if not args.json:
+        print("\n".join(techniques))
         quantized = plan.quantized_nodes()
         print(f"{len(quantized)} of {len(plan.decisions)} nodes quantized, {len(plan.activation_names())} "
               f"activations and {len(plan.weights())} weights with Q/DQ")

@@ -23,7 +23,7 @@ from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, DataError, OutputError
 from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
-from qdq.optimize.pipeline import after_calibration, before_calibration
+from qdq.optimize.pipeline import after_calibration, before_calibration, describe_techniques
 from qdq.passes.base import run_passes
 from qdq.passes.fold_batchnorm import FoldBatchNorm
 from qdq.passes.fold_constants import FoldConstants
@@ -215,6 +215,14 @@ def explain(model: str | os.PathLike[str] | onnx.ModelProto, *, config: Quantize
     config = config or QuantizeConfig()
     prepared, _ = prepare(load_model(model))
     return plan_quantization(prepared, config.placement())
+
+
+def explain_techniques(model: str | os.PathLike[str] | onnx.ModelProto, *,
+                       config: QuantizeConfig | None = None) -> list[str]:
+    """What the accuracy techniques of ``config.optimize`` would do on ``model`` (data-free part), one per line."""
+    config = config or QuantizeConfig()
+    prepared, _ = prepare(load_model(model))
+    return describe_techniques(prepared, plan_quantization(prepared, config.placement()), config)
 
 
 def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | None, config: QuantizeConfig,

@@ -23,9 +23,9 @@ DAMPING = 0.01  # of H's mean diagonal, added to its diagonal: few calibration r
 
 
 def channel_errors(q: np.ndarray, w: np.ndarray, scale: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """``(s q − w)^T H (s q − w)`` per output channel: ``[groups, N]`` from ``[groups, N, K]`` and ``[groups, K, K]``."""
+    """``(s q − w)^T H (s q − w)`` per channel: ``[groups, N]`` from ``[groups, N, K]`` and ``[groups, K, K]``."""
     d = scale[..., None] * q - w
-    return np.einsum("gnk,gkl,gnl->gn", d, second, d)
+    return ((d @ second) * d).sum(axis=-1)
 
 
 def nearest(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -77,7 +77,7 @@ def relaxed(w: np.ndarray, scale: np.ndarray, h_matrix: np.ndarray, low: np.ndar
         h = np.clip(sig * (ZETA - GAMMA) + GAMMA, 0, 1)
         h = np.where(fixed, near - low, h)
         d = scale[..., None] * (low + h) - w
-        grad = 2 * scale[..., None] * np.einsum("gnk,gkl->gnl", d, h_matrix) / norm
+        grad = 2 * scale[..., None] * (d @ h_matrix) / norm
         if step > warmup:
             beta = 20 + (2 - 20) * (step - warmup) / max(iterations - warmup, 1)
             u = 2 * h - 1
@@ -96,7 +96,7 @@ def polish(q: np.ndarray, w: np.ndarray, scale: np.ndarray, h_matrix: np.ndarray
     q = q.copy()
     s = scale[..., None]
     d = s * q - w
-    hd = np.einsum("gnk,gkl->gnl", d, h_matrix)
+    hd = (d @ h_matrix)
     diag = np.einsum("gkk->gk", h_matrix)[:, None, :]
     groups, rows, _ = q.shape
     gi, ri = np.meshgrid(np.arange(groups), np.arange(rows), indexing="ij")

@@ -1,5 +1,144 @@
+"""Cross-layer equalization: balance the per-channel weight ranges of two convolutions in a chain.
+
+For ``Conv A -> f -> Conv B`` with ``f`` positively homogeneous (``f(x/s) = f(x)/s`` for ``s > 0``: ReLU, or
+nothing), dividing A's output channel ``c`` (weights and bias) by ``s_c`` and multiplying B's input channel
+``c`` by ``s_c`` leaves the float model unchanged. ``s_c = sqrt(r1_c / r2_c)``, with ``r1`` A's per-output
+-channel weight range and ``r2`` B's per-input-channel one, makes both ranges ``sqrt(r1·r2)`` (Nagel et al.,
+2019, data-free quantization). That matters most for depthwise-separable nets, whose depthwise channels have
+wildly different ranges. Chains longer than two are balanced by sweeping over the pairs until the factors
+settle.
+
+ReLU6 (Clip to [0, 6]) is not homogeneous: ``clip(x/s, 0, 6)·s = clip(x, 0, 6s)`` moves the bound, so such
+pairs are skipped and said so, as are pairs where another node reads the intermediate tensor.
+"""
+
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def equalize(model, plan):
-    return model, []
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qdq.optimize.bias_correction import new_constant
+from qdq.optimize.layers import find_layers, replace_initializer
+from qdq.placement.plan import QuantPlan
+
+SWEEPS = 20
+HOMOGENEOUS = ("Relu",)
+
+
+@dataclass(frozen=True)
+class Pair:
+    first: str  # Conv A
+    second: str  # Conv B
+    between: str  # "identity" or the activation's op
+
+
+def equalization_pairs(model: onnx.ModelProto, plan: QuantPlan) -> tuple[list[Pair], list[str]]:
+    """The Conv -> (ReLU | identity) -> Conv pairs to equalize, and the Conv chains skipped with the reason."""
+    convs = {layer.node: layer for layer in find_layers(model, plan)[0] if layer.op == "Conv"}
+    nodes = {n.name: n for n in model.graph.node}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    constants = {i.name: i for i in model.graph.initializer}
+    pairs, skipped = [], []
+    for name in convs:
+        first = nodes[name]
+        tensor, between = first.output[0], "identity"
+        users = readers.get(tensor, [])
+        if len(users) == 1 and users[0].op_type not in ("Conv",):
+            act = users[0]
+            between = describe_activation(act, constants)
+            tensor = act.output[0]
+            users = readers.get(tensor, [])
+        if not (len(users) == 1 and users[0].name in convs and users[0].input[0] == tensor):
+            continue  # not a chain into a quantized Conv: nothing to report
+        second = users[0]
+        why = ""
+        if between not in ("identity", *HOMOGENEOUS):
+            why = (f"{between} clips at a fixed bound (scaling moves it)" if between.startswith("Clip")
+                   else f"{between} is not positively homogeneous")
+        elif first.output[0] in outputs or tensor in outputs:
+            why = "the tensor between them is a graph output"
+        elif len(readers.get(convs[name].weight, [])) > 1 or len(readers.get(convs[second.name].weight, [])) > 1:
+            why = "a weight is shared with other nodes"
+        elif len(first.input) > 2 and len(readers.get(first.input[2], [])) > 1:
+            why = "the first Conv's bias is shared with other nodes"
+        if why:
+            skipped.append(f"{name} -> {second.name}: {why}")
+        else:
+            pairs.append(Pair(name, second.name, between))
+    return pairs, skipped
+
+
+def describe_activation(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> str:
+    """``Relu``, ``Clip[0, 6]``, or the op type; a Clip with min 0 and no max is a ReLU."""
+    if node.op_type != "Clip":
+        return node.op_type
+    bounds = [float(numpy_helper.to_array(constants[i])) if i in constants else None for i in node.input[1:3]]
+    bounds += [None] * (2 - len(bounds))
+    low, high = bounds
+    if low == 0.0 and high is None:
+        return "Relu"
+    return f"Clip[{low}, {high}]" + (" (ReLU6)" if (low, high) == (0.0, 6.0) else "")
+
+
+def equalize(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto, list[str]]:
+    """The model with every equalizable Conv pair balanced; notes list the pairs and the skipped ones."""
+    pairs, skipped = equalization_pairs(model, plan)
+    notes = []
+    if pairs:
+        model = balance(model, pairs)
+        notes.append(f"equalized {len(pairs)} Conv pairs: "
+                     + ", ".join(f"{p.first} -> {p.second} ({p.between})" for p in pairs[:6])
+                     + (", ..." if len(pairs) > 6 else ""))
+    if skipped:
+        notes.append(f"equalization skipped {len(skipped)} Conv pairs: {'; '.join(skipped[:6])}"
+                     + ("; ..." if len(skipped) > 6 else ""))
+    return model, notes
+
+
+def balance(model: onnx.ModelProto, pairs: list[Pair]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = {n.name: n for n in out.graph.node}
+    values = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in out.graph.initializer}
+    weights = {name: values[nodes[name].input[1]] for p in pairs for name in (p.first, p.second)}
+    biases = {p.first: values[nodes[p.first].input[2]].copy() if len(nodes[p.first].input) > 2
+              and nodes[p.first].input[2] else None for p in pairs}
+    for _ in range(SWEEPS):
+        largest = 0.0
+        for p in pairs:
+            a, b = weights[p.first], weights[p.second]
+            groups = group_count(nodes[p.second])
+            r1 = np.abs(a).reshape(a.shape[0], -1).max(axis=1)
+            per_group = np.abs(b).reshape(groups, b.shape[0] // groups, b.shape[1], -1)
+            r2 = per_group.max(axis=(1, 3)).reshape(-1)
+            factors = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.maximum(r2, 1e-30)), 1.0)
+            weights[p.first] = a / factors.reshape(-1, *[1] * (a.ndim - 1))
+            if biases[p.first] is not None:
+                biases[p.first] = biases[p.first] / factors
+            weights[p.second] = (b.reshape(per_group.shape) * factors.reshape(groups, 1, -1, 1)).reshape(b.shape)
+            largest = max(largest, float(np.abs(np.log(factors)).max(initial=0.0)))
+        if largest < 1e-4:
+            break
+    for name, w in weights.items():
+        # In place, under the same name: the plan refers to weights by name (and no other node reads them).
+        replace_initializer(out, nodes[name].input[1], w)
+    for name, bias in biases.items():
+        if bias is not None:
+            node = nodes[name]
+            node.input[2] = new_constant(out, f"{node.input[2]}_equalized", bias.astype(np.float32))
+    used = {t for n in out.graph.node for t in n.input}
+    kept = [i for i in out.graph.initializer if i.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
+
+
+def group_count(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1) or 1

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # Gram matrices held at once (float64 bytes); a model with more is observed in several passes.
 GRAM_BUDGET_BYTES = 256 << 20
 # Patches per layer and batch that enter the Gram matrix (a random, seeded subset above this): the mean uses all.
-GRAM_ROWS_PER_BATCH = 4096
+GRAM_ROWS_PER_BATCH = 1024
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Moments:
         if with_gram:
             if rows > GRAM_ROWS_PER_BATCH:
                 patches = patches[:, np.sort(self.rng.choice(rows, GRAM_ROWS_PER_BATCH, replace=False))]
-            gram = np.einsum("gmk,gml->gkl", patches, patches)
+            gram = patches.transpose(0, 2, 1) @ patches
             self.gram = gram if self.gram is None else self.gram + gram
             self.gram_rows += patches.shape[1]
 

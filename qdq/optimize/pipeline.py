@@ -57,3 +57,31 @@ def after_calibration(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRan
     return optimize_weights(model, plan, ranges, data,
                             rounding_iterations=ROUNDING_ITERATIONS[config.optimize] if rounding else None,
                             bias_correction=bias)
+
+
+def describe_techniques(model: onnx.ModelProto, plan: QuantPlan, config: QuantizeConfig) -> list[str]:
+    """What each chosen technique would do on ``model``, without data (for ``qdq explain``)."""
+    from qdq.optimize.equalize import equalization_pairs
+    from qdq.optimize.layers import find_layers
+    from qdq.optimize.smoothquant import smoothing_sites
+
+    chosen = chosen_techniques(config.optimize, config.techniques)
+    lines = [f"techniques at --optimize {config.optimize}: {', '.join(chosen) or 'none'}"]
+    if "equalize" in chosen:
+        pairs, skipped = equalization_pairs(model, plan)
+        lines += [f"  equalize: {p.first} -> {p.second} ({p.between})" for p in pairs]
+        lines += [f"  equalize skips {s}" for s in skipped]
+    if "smoothquant" in chosen:
+        sites, skipped = smoothing_sites(model, plan)
+        lines += [f"  smoothquant candidate: {s.norm} -> {', '.join(layer.node for layer in s.layers)} "
+                  "(alpha chosen on the calibration data, or left alone)" for s in sites]
+        lines += [f"  smoothquant skips {s}" for s in skipped]
+    if "adaround" in chosen or "bias-correction" in chosen:
+        layers, skipped = find_layers(model, plan)
+        which = " and ".join(t for t in ("adaround", "bias-correction") if t in chosen)
+        lines.append(f"  {which}: {len(layers)} layers"
+                     + (f" (AdaRound relaxation, {ROUNDING_ITERATIONS[config.optimize]} iterations, then greedy "
+                        "flips)" if "adaround" in chosen and ROUNDING_ITERATIONS[config.optimize] else
+                        " (greedy flips)" if "adaround" in chosen else ""))
+        lines += [f"  {which} skip {s}" for s in skipped]
+    return lines

@@ -1,0 +1,249 @@
+"""The accuracy techniques (qdq.optimize), each against a plain reference computed with ONNX Runtime or numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import initializer, nodes_by_op, parse, run_ort
+
+import qdq
+from qdq.config import QuantizeConfig
+from qdq.optimize.adaround import channel_errors, learned_rounding, nearest
+from qdq.optimize.bias_correction import apply_correction, mean_shift
+from qdq.optimize.equalize import equalize
+from qdq.optimize.layers import find_layers
+from qdq.optimize.moments import Moments
+from qdq.optimize.smoothquant import smooth, spread
+from qdq.placement import plan_quantization
+from qdq.quantize import prepare
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+
+# Strided, padded, grouped, no bias: the patch geometry and the "a Conv without bias gets one" case at once.
+CONV = HEADER + """
+conv (float[N, 4, 9, 9] x) => (float[N, 8, 5, 5] y) <float[8, 2, 3, 3] w = {0.0}> {
+  y = Conv <pads = [1, 2, 1, 0], strides = [2, 2], group = 2> (x, w)
+}"""
+
+MATMUL = HEADER + """
+matmul (float[N, 5, 24] x) => (float[N, 5, 16] y) <float[24, 16] w = {0.0}> {
+  y = MatMul (x, w)
+}"""
+
+GEMM = HEADER + """
+gemm (float[N, 24] x) => (float[N, 16] y) <float[16, 24] w = {0.0}, float[16] b = {0.0}> {
+  y = Gemm <transB = 1> (x, w, b)
+}"""
+
+# conv1 -> Relu -> depthwise -> (identity) -> pointwise, and a ReLU6 pair that must be skipped.
+CHAIN = HEADER + """
+chain (float[N, 3, 8, 8] x) => (float[N, 16, 8, 8] y) <float[16, 3, 3, 3] w1 = {0.0}, float[16] b1 = {0.0},
+    float[16, 1, 3, 3] w2 = {0.0}, float[16] b2 = {0.0}, float[16, 16, 1, 1] w3 = {0.0}, float[16] b3 = {0.0},
+    float[16, 16, 1, 1] w4 = {0.0}, float lo = {0.0}, float hi = {6.0}> {
+  a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+  r = Relu (a)
+  d = Conv <pads = [1, 1, 1, 1], group = 16> (r, w2, b2)
+  p = Conv (d, w3, b3)
+  c = Clip (p, lo, hi)
+  y = Conv (c, w4)
+}"""
+
+# A pre-norm block's LayerNorm feeding two projections, and one whose output is also a residual input.
+NORM = HEADER + """
+norm (float[N, 6, 16] x) => (float[N, 6, 24] y, float[N, 6, 16] z) <float[16] g = {0.0}, float[16] be = {0.0},
+    float[16, 24] wq = {0.0}, float[16, 24] wk = {0.0}, float[16] g2 = {0.0}, float[16] be2 = {0.0},
+    float[16, 16] wo = {0.0}> {
+  n = LayerNormalization <axis = -1> (x, g, be)
+  q = MatMul (n, wq)
+  k = MatMul (n, wk)
+  y = Add (q, k)
+  n2 = LayerNormalization <axis = -1> (x, g2, be2)
+  o = MatMul (n2, wo)
+  z = Add (o, n2)
+}"""
+
+
+def prepared_plan(model: onnx.ModelProto):
+    prepared, _ = prepare(model)
+    return prepared, plan_quantization(prepared, QuantizeConfig().placement())
+
+
+def dequantized_nearest(layer, w: np.ndarray) -> np.ndarray:
+    scale = layer.channel_scales(w)
+    return layer.unmatrix(scale[..., None] * nearest(layer.matrix(w), scale), w)
+
+
+def with_weight(model: onnx.ModelProto, name: str, values: np.ndarray) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), name))
+    return out
+
+
+@pytest.mark.parametrize("text, shape", [(CONV, (6, 4, 9, 9)), (MATMUL, (6, 5, 24)), (GEMM, (6, 24))],
+                         ids=["conv-strided-grouped", "matmul-3d", "gemm-transB"])
+def test_bias_shift_equals_measured_mean_output_error(text, shape, rng):
+    """(W_q − W)·E[patch] is the mean over batch and positions of W_q x − W x, measured with ONNX Runtime."""
+    model, plan = prepared_plan(parse(text, rng))
+    (layer,), _ = find_layers(model, plan)
+    w = initializer(model, layer.weight)
+    w_q = dequantized_nearest(layer, w)
+    x = (rng.normal(size=shape) + 0.7).astype(np.float32)  # a non-zero mean, or the shift would vanish
+    measured = (run_ort(with_weight(model, layer.weight, w_q), {"x": x})[0].astype(np.float64)
+                - run_ort(model, {"x": x})[0])
+    channel_axis = 1 if layer.op == "Conv" else -1
+    measured_mean = np.moveaxis(measured, channel_axis, -1).reshape(-1, measured.shape[channel_axis]).mean(0)
+    moments = Moments()
+    moments.update(layer.patches(x), with_gram=False)
+    shift = mean_shift(layer, w, w_q, moments.mean())
+    assert np.abs(shift).max() > 1e-4, "the case must have a visible shift"
+    np.testing.assert_allclose(shift, measured_mean, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("text", [CONV, MATMUL], ids=["conv-without-bias", "matmul-without-add"])
+def test_layer_without_bias_gets_one_and_computes_the_same(text, rng):
+    model, plan = prepared_plan(parse(text, rng))
+    (layer,), _ = find_layers(model, plan)
+    x = rng.normal(size=(2, 4, 9, 9) if layer.op == "Conv" else (2, 5, 24)).astype(np.float32)
+    before = run_ort(model, {"x": x})[0]
+    shift = rng.normal(size=8 if layer.op == "Conv" else 16)
+    apply_correction(model, layer, shift)
+    onnx.checker.check_model(model, full_check=True)
+    after = run_ort(model, {"x": x})[0]
+    expected = before - (shift[:, None, None] if layer.op == "Conv" else shift).astype(np.float32)
+    np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_correction_end_to_end_removes_the_weight_shift(rng):
+    """On one Conv: the quantized model's mean output equals the float Conv's on the same quantized input."""
+    model = parse(CONV, rng)
+    x = (rng.normal(size=(32, 4, 9, 9)) + 0.7).astype(np.float32)
+    results = {name: qdq.quantize(model, {"x": x}, config=QuantizeConfig(method="max", techniques=techniques))
+               for name, techniques in (("plain", ()), ("corrected", ("bias-correction",)))}
+    assert len(results["corrected"].model.graph.node) == len(results["plain"].model.graph.node)
+    assert any("bias correction" in n for n in results["corrected"].report.notes)
+    scale = results["plain"].ranges.scale("x")
+    x_q = (np.clip(np.rint(x / scale), -127, 127) * scale).astype(np.float32)
+    reference = run_ort(model, {"x": x_q})[0].mean(axis=(0, 2, 3))
+    plain = run_ort(results["plain"].model, {"x": x})[0].mean(axis=(0, 2, 3))
+    corrected = run_ort(results["corrected"].model, {"x": x})[0].mean(axis=(0, 2, 3))
+    assert np.abs(plain - reference).max() > 1e-3, "nearest rounding must leave a shift to correct"
+    np.testing.assert_allclose(corrected, reference, atol=2e-5)
+
+
+def correlated_layer(rng, k: int = 48, n: int = 16, rows: int = 600):
+    x = rng.normal(size=(rows, k)) @ rng.normal(size=(k, k)) * 0.3 + 0.5
+    w = rng.normal(size=(1, n, k)) * 0.1
+    return x, w, np.abs(w).max(axis=-1) / 127
+
+
+@pytest.mark.parametrize("iterations", [0, 60], ids=["greedy", "relaxed"])
+def test_learned_rounding_stays_within_one_step_and_never_loses(iterations, rng):
+    x, w, scale = correlated_layer(rng)
+    second = (x.T @ x / len(x))[None]
+    q = learned_rounding(w, scale, second, iterations=iterations)
+    near = nearest(w, scale)
+    v = w / scale[..., None]
+    assert np.all((q == np.floor(v)) | (q == np.floor(v) + 1) | (q == near)), "every weight is floor or ceil"
+    assert np.abs(q - near).max() <= 1
+    assert np.all(np.abs(q).max(axis=-1) == 127), "each channel keeps its amax, so its scale is unchanged"
+    learned, rounded = channel_errors(q, w, scale, second), channel_errors(near, w, scale, second)
+    assert np.all(learned <= rounded * (1 + 1e-12))
+    assert learned.sum() < 0.8 * rounded.sum(), "correlated inputs leave room to gain"
+
+
+def test_channel_error_is_the_measured_squared_output_error(rng):
+    """The objective learned rounding minimises equals ||W_q x − W x||² measured with ONNX Runtime."""
+    model, plan = prepared_plan(parse(CONV, rng))
+    (layer,), _ = find_layers(model, plan)
+    w = initializer(model, layer.weight)
+    w_q = dequantized_nearest(layer, w)
+    x = (rng.normal(size=(4, 4, 9, 9)) + 0.3).astype(np.float32)
+    measured = ((run_ort(with_weight(model, layer.weight, w_q), {"x": x})[0].astype(np.float64)
+                 - run_ort(model, {"x": x})[0]) ** 2).sum()
+    moments = Moments()
+    moments.update(layer.patches(x), with_gram=True)
+    scale = layer.channel_scales(w)
+    predicted = channel_errors(nearest(layer.matrix(w), scale), layer.matrix(w), scale, moments.gram).sum()
+    np.testing.assert_allclose(predicted, measured, rtol=1e-4)
+
+
+def test_adaround_end_to_end_keeps_scales_and_moves_weights_one_step_at_most(rng):
+    model = parse(MATMUL, rng)
+    x = (rng.normal(size=(16, 5, 24)) @ rng.normal(size=(24, 24)) * 0.3).astype(np.float32)
+    plain = qdq.quantize(model, {"x": x}, config=QuantizeConfig(method="max", techniques=()))
+    learned = qdq.quantize(model, {"x": x}, config=QuantizeConfig(method="max", techniques=("adaround",)))
+
+    def weight_and_scale(m):
+        dq = next(n for n in nodes_by_op(m, "DequantizeLinear") if initializer(m, n.input[0]).ndim == 2)
+        return initializer(m, dq.input[0]).astype(np.int32), initializer(m, dq.input[1])
+
+    (q0, s0), (q1, s1) = weight_and_scale(plain.model), weight_and_scale(learned.model)
+    np.testing.assert_array_equal(s0, s1)
+    assert np.abs(q1 - q0).max() == 1 and (q1 != q0).mean() > 0.01, "some weights rounded the other way"
+    assert any("learned rounding" in n for n in learned.report.notes)
+
+
+def test_equalization_leaves_the_float_model_unchanged_and_balances_ranges(rng):
+    model = parse(CHAIN, rng)
+    for init in model.graph.initializer:  # channels of very different ranges, as BatchNorm folding leaves them
+        if init.name in ("w1", "w2"):
+            w = onnx.numpy_helper.to_array(init) * np.logspace(-2, 1, 16).reshape(-1, 1, 1, 1)
+            init.CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), init.name))
+    prepared, plan = prepared_plan(model)
+    equalized, notes = equalize(prepared, plan)
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(equalized, {"x": x})[0], run_ort(prepared, {"x": x})[0], rtol=1e-4,
+                               atol=1e-5)
+    assert "a -> d (Relu)" not in " ".join(notes)
+    text = " ".join(notes)
+    assert "equalized 2 Conv pairs" in text and "(identity)" in text
+    assert "ReLU6" in text and "clips at a fixed bound" in text, notes
+    names = {n.name: n for n in equalized.graph.node}
+    w2 = initializer(equalized, names[plan.quantized_nodes()[1].node].input[1])
+    w3 = initializer(equalized, names[plan.quantized_nodes()[2].node].input[1])
+    r2 = np.abs(w2).reshape(16, -1).max(axis=1)
+    r3 = np.abs(w3).max(axis=(0, 2, 3))
+    np.testing.assert_allclose(r2, r3, rtol=1e-3)
+    assert {i.name for i in equalized.graph.initializer} >= {"w1", "w2", "w3"}, "the plan refers to weights by name"
+
+
+def test_smoothquant_leaves_the_float_model_unchanged_and_flattens_the_activation(rng):
+    model = parse(NORM, rng)
+    for init in model.graph.initializer:  # outlier channels, as LayerNorm scales in trained transformers have
+        if init.name in ("g", "g2"):
+            g = np.ones(16, np.float32)
+            g[[3, 11]] = 30.0
+            init.CopyFrom(onnx.numpy_helper.from_array(g, init.name))
+    prepared, plan = prepared_plan(model)
+    x = rng.normal(size=(8, 6, 16)).astype(np.float32)
+    from qdq.calibrate.data import input_specs, open_data
+
+    smoothed, notes = smooth(prepared, plan, open_data({"x": x}, input_specs(prepared)), QuantizeConfig())
+    for before, after in zip(run_ort(prepared, {"x": x}), run_ort(smoothed, {"x": x}), strict=True):
+        np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+    norm_before = run_ort(prepared, {"x": x}, ["n"])[0].reshape(-1, 16)
+    norm_after = run_ort(smoothed, {"x": x}, ["n"])[0].reshape(-1, 16)
+    assert spread(np.abs(norm_after).max(0)) < 0.5 * spread(np.abs(norm_before).max(0))
+    text = " ".join(notes)
+    assert "smoothquant on 1 of 1" in text, notes
+    assert "also read by" in text, "the LayerNorm with a residual reader is skipped with its reason"
+
+
+def test_config_rejects_unknown_levels_and_techniques():
+    with pytest.raises(ValueError, match="optimize must be"):
+        QuantizeConfig(optimize=3)
+    with pytest.raises(ValueError, match="unknown techniques"):
+        QuantizeConfig(techniques=("adaround", "magic"))
+
+
+def test_ranges_given_skip_the_float_rewrites(rng):
+    model = parse(NORM, rng)
+    x = rng.normal(size=(4, 6, 16)).astype(np.float32)
+    ranges = qdq.calibrate(model, {"x": x})
+    result = qdq.quantize(model, {"x": x}, ranges=ranges, config=QuantizeConfig(optimize=2))
+    assert any("smoothquant skipped: ranges were given" in n or "equalize and smoothquant skipped" in n
+               for n in result.report.notes), result.report.notes
