@@ -84,7 +84,8 @@ def test_target_sqnr_needs_evaluation_data(rng):
 def test_per_tensor_attribution_finds_the_fragile_tensor(rng):
     model = fragile_model(rng)
     data = {"x": rng.normal(size=(16, 16, 8, 8)).astype(np.float32)}
-    result = qdq.quantize(model, data, config=qdq.QuantizeConfig(method="max"))
+    # optimize=0: bias correction and learned rounding would spread the fragile channel's error to its neighbours
+    result = qdq.quantize(model, data, config=qdq.QuantizeConfig(method="max", optimize=0))
     prepared, _ = qdq.prepare(model)
     errors = attribute_error(prepared, result.model, open_data(data, input_specs(prepared)))
     assert errors[0].tensor == "ra" and errors[0].worst_channel != 0, "a small channel next to the huge one"

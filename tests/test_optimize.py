@@ -144,7 +144,7 @@ def correlated_layer(rng, k: int = 48, n: int = 16, rows: int = 600):
 def test_learned_rounding_stays_within_one_step_and_never_loses(iterations, rng):
     x, w, scale = correlated_layer(rng)
     second = (x.T @ x / len(x))[None]
-    q = learned_rounding(w, scale, second, iterations=iterations)
+    q = learned_rounding(w, scale, second, iterations=iterations).q
     near = nearest(w, scale)
     v = w / scale[..., None]
     assert np.all((q == np.floor(v)) | (q == np.floor(v) + 1) | (q == near)), "every weight is floor or ceil"

@@ -16,10 +16,21 @@ one nearest rounding has. Everything is per layer in numpy; memory is one layer'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch
 DAMPING = 0.01  # of H's mean diagonal, added to its diagonal: few calibration rows must not make H singular
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """The chosen integers, and the summed channel errors of nearest rounding and of the choice (damped H)."""
+
+    q: np.ndarray
+    nearest_error: float
+    error: float
 
 
 def channel_errors(q: np.ndarray, w: np.ndarray, scale: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -34,7 +45,7 @@ def nearest(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def learned_rounding(w: np.ndarray, scale: np.ndarray, second: np.ndarray, *, iterations: int = 400,
                      regularisation: float = 0.05, learning_rate: float = 0.05, polish_steps: int = 64
-                     ) -> np.ndarray:
+                     ) -> Rounding:
     """Integer weights ``[groups, N, K]`` (each floor or floor + 1 of ``w / s``) with a low output error.
 
     Args:
@@ -57,9 +68,10 @@ def learned_rounding(w: np.ndarray, scale: np.ndarray, second: np.ndarray, *, it
     else:
         q = near.copy()
     q = polish(q, w, scale, h_matrix, low, fixed, polish_steps)
-    worse = channel_errors(q, w, scale, h_matrix) >= base
+    errors = channel_errors(q, w, scale, h_matrix)
+    worse = errors >= base
     q[worse] = near[worse]
-    return q
+    return Rounding(q, float(base.sum()), float(np.where(worse, base, errors).sum()))
 
 
 def relaxed(w: np.ndarray, scale: np.ndarray, h_matrix: np.ndarray, low: np.ndarray, near: np.ndarray,

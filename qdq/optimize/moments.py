@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # Gram matrices held at once (float64 bytes); a model with more is observed in several passes.
 GRAM_BUDGET_BYTES = 256 << 20
 # Patches per layer and batch that enter the Gram matrix (a random, seeded subset above this): the mean uses all.
-GRAM_ROWS_PER_BATCH = 1024
+GRAM_ROWS_PER_BATCH = 256
 
 
 @dataclass

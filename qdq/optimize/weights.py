@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from qdq.calibrate.data import Dataset
-from qdq.optimize.adaround import channel_errors, learned_rounding, nearest
+from qdq.optimize.adaround import learned_rounding, nearest
 from qdq.optimize.bias_correction import apply_correction, mean_shift
 from qdq.optimize.layers import Layer, find_layers, initializer_values, replace_initializer
 from qdq.optimize.moments import Moments, collect_moments
@@ -67,10 +67,10 @@ def round_weights(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, 
         w = layer.matrix(original[weight]).astype(np.float64)
         scale = layer.channel_scales(original[weight])
         second = combined_second(group, moments)
-        q = learned_rounding(w, scale, second, iterations=iterations)
-        before += channel_errors(nearest(w, scale), w, scale, second).sum()
-        after += channel_errors(q, w, scale, second).sum()
-        replace_initializer(model, weight, layer.unmatrix(scale[..., None] * q, original[weight]))
+        rounding = learned_rounding(w, scale, second, iterations=iterations)
+        before += rounding.nearest_error
+        after += rounding.error
+        replace_initializer(model, weight, layer.unmatrix(scale[..., None] * rounding.q, original[weight]))
     gain = 10 * np.log10(before / after) if after > 0 and before > 0 else 0.0
     how = "greedy flips" if iterations == 0 else f"AdaRound, {iterations} iterations, then greedy flips"
     return (f"learned rounding ({how}) on {len(users) - len(shared)} weights: their layers' output error on the "
