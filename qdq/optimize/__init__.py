@@ -1,7 +1,8 @@
 """Accuracy techniques beyond nearest rounding and calibrated ranges, chosen by an ``--optimize`` level.
 
 Level 0 is nearest rounding of the weights and calibrated ranges, nothing more; 1 (the default) adds the cheap
-techniques; 2 adds learned rounding. Each technique is a separate module and can be switched on or off by name (``QuantizeConfig.techniques``):
+techniques; 2 adds learned rounding. Each technique is a separate module and can be switched on or off by name
+(``QuantizeConfig.techniques``):
   equalize         cross-layer equalization of Conv -> (ReLU | identity) -> Conv chains (float-exact)
   smoothquant      SmoothQuant migration for MatMul/Gemm fed by LayerNormalization (float-exact)
   adaround         learned rounding: each weight rounded up or down for its layer's output error
