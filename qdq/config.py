@@ -47,8 +47,8 @@ class QuantizeConfig:
         target_sqnr: leave the most sensitive layers float until the first output's SQNR against the float
             model reaches this many dB on the evaluation data (which it then needs).
         optimize: how hard to work for accuracy beyond calibrated ranges (``qdq.optimize``): 0 is nearest
-            rounding and nothing else; 1 (default) adds cross-layer equalization, SmoothQuant and bias
-            correction (about 2x the time of level 0); 2 adds learned rounding (AdaRound, then greedy flips).
+            rounding and nothing else; 1 (default) adds SmoothQuant and bias correction; 2 adds cross-layer
+            equalization and learned rounding (AdaRound, then greedy flips), which cost more time.
         techniques: exactly these techniques (names in ``qdq.optimize.TECHNIQUES``), overriding the level's
             set; ``()`` for none. ``optimize`` still sets how many rounding iterations are spent.
         max_top1_drop: likewise, until the first output's top-1 agreement with the float model is at least

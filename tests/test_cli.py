@@ -44,11 +44,15 @@ def test_same_inputs_give_byte_identical_output(tmp_path, capsys):
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_saved_ranges_reproduce_the_model_without_data(tmp_path, capsys):
+@pytest.mark.parametrize("level, data", [("0", ()), ("1", ("--calib", DIGITS / "calib.npz"))],
+                         ids=["optimize-0-without-data", "default-with-data-for-bias-correction"])
+def test_saved_ranges_reproduce_the_model(level, data, tmp_path, capsys):
+    """Ranges alone reproduce a model at --optimize 0; bias correction (level 1) also needs the data again."""
     ranges, first, second = tmp_path / "r.json", tmp_path / "a.onnx", tmp_path / "b.onnx"
     assert run(capsys, "quantize", DIGITS / "digits.onnx", "-o", first, "--calib", DIGITS / "calib.npz",
-               "--save-ranges", ranges)[0] == 0
-    assert run(capsys, "quantize", DIGITS / "digits.onnx", "-o", second, "--ranges", ranges)[0] == 0
+               "--save-ranges", ranges, "--optimize", level)[0] == 0
+    assert run(capsys, "quantize", DIGITS / "digits.onnx", "-o", second, "--ranges", ranges, "--optimize", level,
+               *data)[0] == 0
     assert first.read_bytes() == second.read_bytes()
 
 

@@ -97,7 +97,7 @@ def test_bias_shift_equals_measured_mean_output_error(text, shape, rng):
     channel_axis = 1 if layer.op == "Conv" else -1
     measured_mean = np.moveaxis(measured, channel_axis, -1).reshape(-1, measured.shape[channel_axis]).mean(0)
     moments = Moments()
-    moments.update(layer.patches(x), with_gram=False)
+    moments.update(layer, x, with_gram=False)
     shift = mean_shift(layer, w, w_q, moments.mean())
     assert np.abs(shift).max() > 1e-4, "the case must have a visible shift"
     np.testing.assert_allclose(shift, measured_mean, rtol=1e-4, atol=1e-6)
@@ -165,7 +165,7 @@ def test_channel_error_is_the_measured_squared_output_error(rng):
     measured = ((run_ort(with_weight(model, layer.weight, w_q), {"x": x})[0].astype(np.float64)
                  - run_ort(model, {"x": x})[0]) ** 2).sum()
     moments = Moments()
-    moments.update(layer.patches(x), with_gram=True)
+    moments.update(layer, x, with_gram=True)
     scale = layer.channel_scales(w)
     predicted = channel_errors(nearest(layer.matrix(w), scale), layer.matrix(w), scale, moments.gram).sum()
     np.testing.assert_allclose(predicted, measured, rtol=1e-4)

@@ -14,7 +14,7 @@ from __future__ import annotations
 TECHNIQUES: tuple[str, ...] = ("equalize", "smoothquant", "adaround", "bias-correction")
 LEVELS: dict[int, tuple[str, ...]] = {
     0: (),
-    1: ("equalize", "smoothquant", "bias-correction"),
+    1: ("smoothquant", "bias-correction"),
     2: ("equalize", "smoothquant", "adaround", "bias-correction"),
 }
 # AdaRound's relaxation iterations before the greedy flips, per level (0: the flips alone, most of the gain).

@@ -53,26 +53,56 @@ class Layer:
         return np.broadcast_to(scale.reshape(-1) if self.axis is not None else scale, (rows[0] * rows[1],)
                                ).reshape(rows).copy()
 
-    def patches(self, x: np.ndarray) -> np.ndarray:
-        """The input as rows the weight matrix multiplies: ``[groups, rows, K/groups]``, float64."""
-        x = x.astype(np.float64, copy=False)
+    def patches(self, x: np.ndarray, rows: int | None = None, rng: np.random.Generator | None = None
+                ) -> np.ndarray:
+        """The input as rows the weight matrix multiplies: ``[groups, rows, K/groups]``, float64.
+
+        ``rows``: at most this many (output positions drawn with ``rng``), so big feature maps stay cheap.
+        """
         if self.op != "Conv":
-            return x.reshape(-1, x.shape[-1])[None]
-        if x.ndim == 3:  # Conv1d as a Conv2d of height 1
-            x = x[:, :, None, :]
+            flat = x.reshape(-1, x.shape[-1])
+            if rows is not None and len(flat) > rows:
+                flat = flat[np.sort(rng.choice(len(flat), rows, replace=False))]
+            return flat.astype(np.float64)[None]
+        x = self.padded(x)
         batch, channels = x.shape[:2]
         (kh, kw), (sh, sw), (dh, dw) = self.kernel2d(), self.pairs(self.strides), self.pairs(self.dilations)
-        top, left, bottom, right = self.pads2d()
-        x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-        out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
-        out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-        cols = np.empty((batch, out_h, out_w, channels, kh * kw))
+        out_h, out_w = self.output_size(x.shape)
+        count = batch * out_h * out_w
+        chosen = np.arange(count) if rows is None or count <= rows else np.sort(rng.choice(count, rows, replace=False))
+        b, rest = np.divmod(chosen, out_h * out_w)
+        oh, ow = np.divmod(rest, out_w)
+        cols = np.empty((len(chosen), channels, kh * kw))
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, :, i * kw + j] = x[b, :, oh * sh + i * dh, ow * sw + j * dw]
+        return cols.reshape(len(chosen), self.groups, -1).transpose(1, 0, 2)
+
+    def patch_sum(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """The sum of all input patches ``[groups, K/groups]`` and their count, without forming the patches."""
+        if self.op != "Conv":
+            flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            return flat.sum(axis=0)[None], len(flat)
+        x = self.padded(x)
+        batch, channels = x.shape[:2]
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel2d(), self.pairs(self.strides), self.pairs(self.dilations)
+        out_h, out_w = self.output_size(x.shape)
+        sums = np.empty((channels, kh * kw))
         for i in range(kh):
             for j in range(kw):
                 window = x[:, :, i * dh:i * dh + sh * (out_h - 1) + 1:sh, j * dw:j * dw + sw * (out_w - 1) + 1:sw]
-                cols[..., i * kw + j] = window.transpose(0, 2, 3, 1)
-        cols = cols.reshape(-1, self.groups, channels // self.groups * kh * kw)
-        return cols.transpose(1, 0, 2)
+                sums[:, i * kw + j] = window.sum(axis=(0, 2, 3), dtype=np.float64)
+        return sums.reshape(self.groups, -1), batch * out_h * out_w
+
+    def padded(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 3:  # Conv1d as a Conv2d of height 1
+            x = x[:, :, None, :]
+        top, left, bottom, right = self.pads2d()
+        return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+
+    def output_size(self, padded_shape: tuple[int, ...]) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel2d(), self.pairs(self.strides), self.pairs(self.dilations)
+        return ((padded_shape[2] - dh * (kh - 1) - 1) // sh + 1, (padded_shape[3] - dw * (kw - 1) - 1) // sw + 1)
 
     def kernel2d(self) -> tuple[int, int]:
         return (1, self.kernel[0]) if len(self.kernel) == 1 else (self.kernel[0], self.kernel[1])
@@ -129,8 +159,8 @@ def make_layer(node: onnx.NodeProto, weight: str, index: int, axis: int | None,
     return Layer(node.name, node.op_type, weight, axis, dims[1] if trans_b else dims[0], trans_b=trans_b), ""
 
 
-def initializer_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+def initializer_values(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in names}
 
 
 def replace_initializer(model: onnx.ModelProto, name: str, values: np.ndarray) -> None:

@@ -38,14 +38,12 @@ class Moments:
     gram: np.ndarray | None = None  # [groups, K, K]
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
 
-    def update(self, patches: np.ndarray, *, with_gram: bool) -> None:
-        rows = patches.shape[1]
-        total = patches.sum(axis=1)
+    def update(self, layer: Layer, x: np.ndarray, *, with_gram: bool) -> None:
+        total, rows = layer.patch_sum(x)
         self.total = total if self.total is None else self.total + total
         self.count += rows
         if with_gram:
-            if rows > GRAM_ROWS_PER_BATCH:
-                patches = patches[:, np.sort(self.rng.choice(rows, GRAM_ROWS_PER_BATCH, replace=False))]
+            patches = layer.patches(x, GRAM_ROWS_PER_BATCH, self.rng)
             gram = patches.transpose(0, 2, 1) @ patches
             self.gram = gram if self.gram is None else self.gram + gram
             self.gram_rows += patches.shape[1]
@@ -79,7 +77,7 @@ def collect_moments(quantized: onnx.ModelProto, layers: list[Layer], data: Datas
             for layer in group:
                 name = inputs[layer.node]
                 x = values[name] if name in values else batch.feeds[name]
-                moments[layer.node].update(layer.patches(x), with_gram=with_gram)
+                moments[layer.node].update(layer, x, with_gram=with_gram)
     log.info("measured the inputs of %d layers in %d passes", len(layers), len(groups))
     return moments
 

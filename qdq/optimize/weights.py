@@ -37,11 +37,12 @@ def optimize_weights(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRang
         return model, notes
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    original = initializer_values(model)
+    original = initializer_values(model, {layer.weight for layer in layers})
     if rounding_iterations is not None:
         notes.append(round_weights(out, layers, plan, ranges, data, original, rounding_iterations))
     if bias_correction:
-        notes.append(correct_biases(out, layers, plan, ranges, data, original))
+        notes.append(correct_biases(out, layers, plan, ranges, data, original,
+                                    rounded=rounding_iterations is not None))
     return out, notes
 
 
@@ -86,11 +87,11 @@ def combined_second(group: list[Layer], moments: dict[str, Moments]) -> np.ndarr
 
 
 def correct_biases(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, ranges: TensorRanges,
-                   data: Dataset, original: dict[str, np.ndarray]) -> str:
+                   data: Dataset, original: dict[str, np.ndarray], *, rounded: bool) -> str:
     started = time.perf_counter()
     quantized = quantized_model(model, plan, ranges)
     moments = collect_moments(quantized, layers, data, with_gram=False)
-    current = initializer_values(model)
+    current = initializer_values(model, {layer.weight for layer in layers}) if rounded else original
     largest = 0.0
     for layer in layers:
         w = original[layer.weight]
