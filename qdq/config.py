@@ -48,9 +48,9 @@ class QuantizeConfig:
             model reaches this many dB on the evaluation data (which it then needs).
         optimize: how hard to work for accuracy beyond calibrated ranges (``qdq.optimize``): 0 is nearest
             rounding and nothing else; 1 (default) adds SmoothQuant and bias correction; 2 adds cross-layer
-            equalization and learned rounding (AdaRound, then greedy flips), which cost more time.
+            equalization and learned rounding (greedy up/down flips per weight), which cost more time.
         techniques: exactly these techniques (names in ``qdq.optimize.TECHNIQUES``), overriding the level's
-            set; ``()`` for none. ``optimize`` still sets how many rounding iterations are spent.
+            set; ``()`` for none.
         max_top1_drop: likewise, until the first output's top-1 agreement with the float model is at least
             100 - this percent (a classifier's ``[batch, classes]`` output).
     """

@@ -78,7 +78,7 @@ def collect_moments(quantized: onnx.ModelProto, layers: list[Layer], data: Datas
                 name = inputs[layer.node]
                 x = values[name] if name in values else batch.feeds[name]
                 moments[layer.node].update(layer, x, with_gram=with_gram)
-    log.info("measured the inputs of %d layers in %d passes", len(layers), len(groups))
+    log.debug("measured the inputs of %d layers in %d passes", len(layers), len(groups))
     return moments
 
 

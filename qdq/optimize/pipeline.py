@@ -8,7 +8,7 @@ import onnx
 
 from qdq.calibrate.data import Dataset
 from qdq.config import QuantizeConfig
-from qdq.optimize import ROUNDING_ITERATIONS, chosen_techniques
+from qdq.optimize import RELAXATION_ITERATIONS, chosen_techniques
 from qdq.optimize.equalize import equalize
 from qdq.optimize.smoothquant import smooth
 from qdq.optimize.weights import optimize_weights
@@ -29,8 +29,8 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
     if not wanted:
         return model, []
     if ranges_given:
-        return model, [f"{' and '.join(wanted)} skipped: ranges were given, and they describe the untransformed "
-                       "model's tensors"]
+        return model, logged([f"{' and '.join(wanted)} skipped: ranges were given, and they describe the "
+                              "untransformed model's tensors"])
     notes: list[str] = []
     if "equalize" in wanted:
         model, more = equalize(model, plan)
@@ -41,7 +41,7 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
         else:
             model, more = smooth(model, plan, data, config)
             notes.extend(more)
-    return model, notes
+    return model, logged(notes)
 
 
 def after_calibration(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, data: Dataset | None,
@@ -53,10 +53,17 @@ def after_calibration(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRan
     if not (rounding or bias) or not plan:
         return model, []
     if data is None:
-        return model, ["adaround and bias-correction skipped: they need calibration data"]
-    return optimize_weights(model, plan, ranges, data,
-                            rounding_iterations=ROUNDING_ITERATIONS[config.optimize] if rounding else None,
-                            bias_correction=bias)
+        return model, logged(["adaround and bias-correction skipped: they need calibration data"])
+    model, notes = optimize_weights(model, plan, ranges, data,
+                                    rounding_iterations=RELAXATION_ITERATIONS if rounding else None,
+                                    bias_correction=bias)
+    return model, logged(notes)
+
+
+def logged(notes: list[str]) -> list[str]:
+    for note in notes:
+        log.info("%s", note)
+    return notes
 
 
 def describe_techniques(model: onnx.ModelProto, plan: QuantPlan, config: QuantizeConfig) -> list[str]:
@@ -79,9 +86,6 @@ def describe_techniques(model: onnx.ModelProto, plan: QuantPlan, config: Quantiz
     if "adaround" in chosen or "bias-correction" in chosen:
         layers, skipped = find_layers(model, plan)
         which = " and ".join(t for t in ("adaround", "bias-correction") if t in chosen)
-        lines.append(f"  {which}: {len(layers)} layers"
-                     + (f" (AdaRound relaxation, {ROUNDING_ITERATIONS[config.optimize]} iterations, then greedy "
-                        "flips)" if "adaround" in chosen and ROUNDING_ITERATIONS[config.optimize] else
-                        " (greedy flips)" if "adaround" in chosen else ""))
+        lines.append(f"  {which}: {len(layers)} layers")
         lines += [f"  {which} skip {s}" for s in skipped]
     return lines
