@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qdq.placement.planner import PlacementOptions
+from qdq.scheme import SCHEMES, Scheme
 
 WeightFormat = Literal["int8", "float"]
 WEIGHT_FORMATS: tuple[str, ...] = ("int8", "float")
@@ -45,6 +46,8 @@ class QuantizeConfig:
             reductions and exp/log/pow, and raises the opset to 19 for FP16 Q/DQ scales.
         target_sqnr: leave the most sensitive layers float until the first output's SQNR against the float
             model reaches this many dB on the evaluation data (which it then needs).
+        scheme: ``int8`` (default; ``scale = amax / 127``, int8 zero point) or ``fp8`` (E4M3, ``scale = amax /
+            448``, FLOAT8E4M3FN zero point, opset 19; TensorRT on Hopper and later).
         max_top1_drop: likewise, until the first output's top-1 agreement with the float model is at least
             100 - this percent (a classifier's ``[batch, classes]`` output).
     """
@@ -62,6 +65,7 @@ class QuantizeConfig:
     high_precision: str = "fp32"
     target_sqnr: float | None = None
     max_top1_drop: float | None = None
+    scheme: str = "int8"
 
     def __post_init__(self) -> None:
         for field in ("exclude_nodes", "exclude_op_types", "include_op_types"):
@@ -89,8 +93,13 @@ class QuantizeConfig:
             raise ValueError(f"max_top1_drop must be a percentage in [0, 100), got {self.max_top1_drop!r}")
         if self.high_precision not in HIGH_PRECISIONS:
             raise ValueError(f"high_precision must be one of {', '.join(HIGH_PRECISIONS)}, got {self.high_precision!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+
+    def quant_scheme(self) -> Scheme:
+        return SCHEMES[self.scheme]
 
     def placement(self) -> PlacementOptions:
         return PlacementOptions(per_channel=self.per_channel, exclude_nodes=self.exclude_nodes,

@@ -12,17 +12,17 @@ import onnx
 from qdq.calibrate.histogram import Histogram
 from qdq.graph import GraphIndex
 from qdq.ops import RESHAPE_OPS
-from qdq.scheme import symmetric_scale
+from qdq.scheme import INT8, Scheme
 
 
 @dataclass(frozen=True)
 class TensorRanges:
     """``amax`` per tensor name, how they were obtained, and exact scales where a file gave them.
 
-    ``scales`` holds float32 scales that must be used bit for bit (a TensorRT calibration cache stores the
-    scale, not the amax); for other tensors the scale is ``float32(amax / 127)``. ``header`` keeps a cache's
-    first line so that writing it back reproduces the file. ``histograms`` are the calibration statistics of the
-    histogram methods (for reports; O(bins) each).
+    ``scales`` holds INT8 float32 scales that must be used bit for bit (a TensorRT calibration cache stores the
+    INT8 scale, not the amax); otherwise, and for every other scheme, the scale is the scheme's of the amax.
+    ``header`` keeps a cache's first line so that writing it back reproduces the file. ``histograms`` are the
+    calibration statistics of the histogram methods (for reports; O(bins) each).
     """
 
     amax: Mapping[str, float]
@@ -49,11 +49,11 @@ class TensorRanges:
     def names(self) -> set[str]:
         return set(self.amax)
 
-    def scale(self, name: str) -> float:
-        """The float32 scale of a tensor: the file's exact scale, or ``float32(amax / 127)``."""
-        if name in self.scales:
+    def scale(self, name: str, scheme: Scheme = INT8) -> float:
+        """The scale of a tensor: for INT8 the file's exact scale where it has one, else ``scheme.scale(amax)``."""
+        if scheme == INT8 and name in self.scales:
             return self.scales[name]
-        return float(symmetric_scale(self.amax[name]))
+        return float(scheme.scale(self.amax[name]))
 
     def subset(self, names: list[str]) -> TensorRanges:
         return TensorRanges({n: self.amax[n] for n in names}, method=self.method, samples=self.samples,
