@@ -56,7 +56,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         print(result.plan.explain())
     result.save(output)
     if args.save_ranges:
-        result.ranges.save(args.save_ranges)
+        write_ranges(result.ranges, args.save_ranges)
     if args.report:
         write_report(args.report, title=f"qdq quantize {args.model.name}", comparison=result.report.comparison,
                      ranges=result.ranges, notes=result.report.notes)

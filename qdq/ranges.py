@@ -1,18 +1,23 @@
-"""Per-tensor ranges: the amax of each activation, and exact scales where a file fixed them."""
+"""Per-tensor ranges: the amax of each activation, and exact scales where a file fixed them.
+
+A pure value: reading and writing files is ``qdq.range_files``'s job (``read_ranges``, ``write_ranges``).
+"""
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import onnx
 
-from qdq.calibrate.histogram import Histogram
 from qdq.graph import GraphIndex
 from qdq.ops import RESHAPE_OPS
 from qdq.scheme import INT8, Scheme
+
+if TYPE_CHECKING:
+    from qdq.calibrate.histogram import Histogram
 
 
 @dataclass(frozen=True)
@@ -85,17 +90,6 @@ class TensorRanges:
                     scales.pop(name, None)
         return TensorRanges(amax, method=self.method, samples=self.samples, scales=scales, header=self.header,
                             histograms=self.histograms)
-
-    def save(self, path: str | os.PathLike[str], fmt: str | None = None) -> None:
-        from qdq.range_files import write_ranges
-
-        write_ranges(self, path, fmt)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], fmt: str | None = None) -> TensorRanges:
-        from qdq.range_files import read_ranges
-
-        return read_ranges(path, fmt)
 
 
 def inherit_through_copies(model: onnx.ModelProto, names: list[str], ranges: TensorRanges
