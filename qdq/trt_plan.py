@@ -142,14 +142,15 @@ class BuildPlan:
     nodes: tuple[NodePrecision, ...]
     trtexec: str
 
-    def describe(self) -> str:
+    def describe(self, *, with_command: bool = True) -> str:
         lines = ["inputs (one optimization profile):"]
         lines += [f"  {name}: {profile}" for name, profile in self.profiles]
         counts = Counter(n.precision for n in self.nodes)
         lines.append(f"expected precision of {len(self.nodes)} ONNX nodes (from the Q/DQ and the graph's types): "
                      + ", ".join(f"{n} {p}" for p, n in counts.most_common()))
         lines += [f"  {n.node} ({n.op}): {n.precision} ({n.why})" for n in self.nodes]
-        lines.append(self.trtexec)
+        if with_command:
+            lines.append(self.trtexec)
         return "\n".join(lines)
 
 
