@@ -33,7 +33,7 @@ def make_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
     """The QuantizeConfig of whichever option groups this command has."""
     options = {name: getattr(args, name) for name in ("method", "percentile", "num_bins", "max_tensors_per_pass",
                                                       "batch_size", "exclude_nodes", "exclude_op_types",
-                                                      "include_op_types") if hasattr(args, name)}
+                                                      "include_op_types", "scheme") if hasattr(args, name)}
     if hasattr(args, "per_tensor_weights"):
         options["per_channel"] = not args.per_tensor_weights
     try:
@@ -63,7 +63,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                           labels=labels, progress=not args.quiet)
         result.save(output)
         if save_ranges:
-            result.ranges.save(save_ranges, format_for_path(args.save_ranges))
+            write_ranges(result.ranges, save_ranges, format_for_path(args.save_ranges))
         if report:
             write_report(report, title=f"qdq quantize {args.model.name}", comparison=result.report.comparison,
                          ranges=result.ranges, notes=result.report.notes)
