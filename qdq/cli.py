@@ -28,6 +28,7 @@ from qdq.commands import (
 from qdq.config import HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS
 from qdq.errors import QdqError
 from qdq.range_files import FORMATS
+from qdq.scheme import SCHEMES
 
 log = logging.getLogger("qdq")
 
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = commands.add_parser("build", parents=[common], help="build a TensorRT engine from a Q/DQ model",
                             description="Build a TensorRT engine (strongly typed: INT8 where the graph has Q/DQ) "
                                         "and report which layers run in which precision. Needs TensorRT and a GPU; "
-                                        "prints the equivalent trtexec command either way.")
+                                        "prints the equivalent trtexec command either way (--dry-run: only what "
+                                        "would be built).")
     b.add_argument("model", type=Path, help="quantized ONNX model")
     b.add_argument("-o", "--output", type=Path, required=True, help="where to write the engine")
     b.add_argument("--workspace-mb", type=int, metavar="N", help="builder workspace limit in MiB")
@@ -124,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input shapes for dynamic dims: name:1x3x224x224 or name:MIN,OPT,MAX")
     b.add_argument("--verify", metavar="DATA", help="run the engine on DATA and compare with ONNX Runtime")
     b.add_argument("--batch-size", type=int, metavar="N", help="samples per run for --verify")
+    b.add_argument("--dry-run", action="store_true",
+                   help="print the profiles, the precision expected per node and the trtexec line; needs no TensorRT")
+    b.add_argument("--trt-version", type=int, choices=(10, 11), metavar="10|11",
+                   help="TensorRT version the printed trtexec line is for (default: the installed one, else 10)")
     b.set_defaults(run=run_build)
 
     cmp = commands.add_parser("compare", parents=[common], help="compare a quantized model with the float one",
@@ -215,6 +221,8 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                        help="percentile of |x| for --method percentile (default: 99.99)")
     group.add_argument("--num-bins", type=int, default=2048, metavar="N",
                        help="histogram bins for entropy/percentile/mse (default: 2048)")
+    group.add_argument("--scheme", choices=tuple(SCHEMES), default="int8",
+                       help="int8 (default: scale amax/127) or fp8 (E4M3, scale amax/448, opset 19)")
     group.add_argument("--max-tensors-per-pass", type=int, metavar="N",
                        help="observe at most N tensors per pass over the data (bounds memory on big models)")
 
