@@ -20,7 +20,7 @@ from qdq.calibrate.data import DataLike, Dataset, input_specs, open_data
 from qdq.check import check_model
 from qdq.compare import Comparison, compare_models
 from qdq.config import QuantizeConfig
-from qdq.errors import CalibrationError, DataError, OutputError
+from qdq.errors import CalibrationError, DataError, ModelError, OutputError, shown
 from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.ops import CONTROL_FLOW_OPS, WEIGHTED_OPS
@@ -36,7 +36,7 @@ from qdq.passes.shapes import InferShapes
 from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges, inherit_through_copies
 from qdq.runtime import Session, make_session, quantized_session
-from qdq.scheme import INT8, Scheme
+from qdq.scheme import INT8, Scheme, bounds_note
 from qdq.sensitivity import Evaluator, Goal, SensitivityReport, fall_back, layer_sensitivity
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ def quantize(
     else:
         float_session = None
 
+    check_weights(prepared, plan)
+    note_bounds(used, scheme, notes)
     quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme).run(prepared).model
     if config.high_precision == "fp16":
         quantized, fp16_notes = run_passes(quantized, [CastToFP16()])
@@ -231,6 +233,28 @@ def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | 
                                    f"{describe_missing(missing, known)}; pass calibration data to calibrate them")
         known = known.merged(collect_ranges(model, missing, calibration, config.calibration(), progress=progress))
     return known.subset(needed).shared(plan.shared_scales)
+
+
+def check_weights(model: onnx.ModelProto, plan: QuantPlan) -> None:
+    """Weights to quantize must be finite and not empty: their scales come from max|w|."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    for name in dict.fromkeys(name for name, _ in plan.weights()):
+        values = onnx.numpy_helper.to_array(initializers[name])
+        if values.size == 0:
+            raise ModelError(f"weight {shown(name)} is empty (shape {list(values.shape)}): the model is damaged")
+        if not np.isfinite(values).all():
+            raise ModelError(f"weight {shown(name)} holds {values.size - np.count_nonzero(np.isfinite(values))} "
+                             "NaN/Inf values: fix the model, or exclude the layers that use it (--exclude-nodes)")
+
+
+def note_bounds(ranges: TensorRanges, scheme: Scheme, notes: list[str]) -> None:
+    """Say which ranges the scheme's floor or ceiling changed (each Q node's doc string gives the value used)."""
+    changed = [f"{shown(name)} {ranges.amax[name]:.3g} {note}" for name in ranges
+               if (name not in ranges.scales or scheme != INT8) and (note := bounds_note(scheme, ranges.amax[name]))]
+    if changed:
+        notes.append(f"{len(changed)} ranges are outside what {scheme.name} scales can hold: "
+                     + "; ".join(changed[:5]) + ("; ..." if len(changed) > 5 else ""))
+        log.warning("%s", notes[-1])
 
 
 def warn_unknown_names(ranges: TensorRanges, model: onnx.ModelProto) -> None:

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import math
 import zipfile
-from tokenize import TokenError
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from tokenize import TokenError
 
 import numpy as np
 from numpy.lib import format as npy_format
 
 from qdq.errors import DataError, shown
-
 
 WHOLE_READ_LIMIT = 1 << 30  # Fortran-order members cannot be streamed by rows; larger ones are refused
 
