@@ -98,7 +98,8 @@ class ArrayData:
             if seen >= self.usable:
                 return
             if self.stacked:
-                yield Batch({k: v[0] for k, v in block.items()}, samples=1)
+                # v[0] of a stacked scalar input would be a numpy scalar, which ONNX Runtime does not take.
+                yield Batch({k: np.asarray(v[0]) for k, v in block.items()}, samples=1)
             else:
                 yield Batch(block, samples=next(iter(block.values())).shape[0])
             seen += next(iter(block.values())).shape[0]
@@ -207,7 +208,7 @@ def check_array(where: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, 
     """
     if dtype != spec.dtype:
         raise DataError(f"{where}: input {spec.name!r} is {dtype}, the model expects {spec.dtype} "
-                        f"(convert with .astype(np.{spec.dtype}))")
+                        f"({conversion_hint(spec.dtype)})")
     if spec.shape is None:
         return
     own = shape[leading:]  # dims that must match the input's trailing dims
@@ -216,6 +217,16 @@ def check_array(where: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, 
         isinstance(e, int) and e > 0 and e != s for s, e in zip(own, expected, strict=True))
     if mismatch:
         raise DataError(f"{where}: input {spec.name!r} has shape {list(shape)}, the model expects {spec.describe()}")
+
+
+def conversion_hint(dtype: np.dtype) -> str:
+    """How to convert to ``dtype`` in numpy: ``np.float16`` exists; bfloat16 lives in ml_dtypes, strings are str."""
+    if dtype.kind in "OSU":
+        return "the model takes strings: give an array of str"
+    if getattr(np, dtype.name, None) is not None and np.dtype(getattr(np, dtype.name)) == dtype:
+        return f"convert with .astype(np.{dtype.name})"
+    return f"convert with .astype(ml_dtypes.{dtype.name})" if dtype.name in ("bfloat16",) or dtype.name.startswith(
+        "float8") else f"convert to {dtype}"
 
 
 def check_layout(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]], specs: list[InputSpec]
@@ -229,8 +240,11 @@ def check_layout(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]
         if rank is not None and len(shape) not in (rank, rank + 1):
             raise DataError(f"{where}: input {spec.name!r} has shape {list(shape)}, expected {spec.describe()} "
                             f"(samples along the batch axis) or one more leading axis stacking such inputs")
+        if not shape and rank == 0:
+            raise DataError(f"{where}: input {shown(spec.name)} is a scalar: stack its samples along a first axis, "
+                            "shape (N,)")
         if not shape or shape[0] == 0:
-            raise DataError(f"{where}: input {spec.name!r} holds no samples (shape {list(shape)})")
+            raise DataError(f"{where}: input {shown(spec.name)} holds no samples (shape {list(shape)})")
         stacked = rank is not None and len(shape) == rank + 1
         layouts.add(stacked)
         check_array(where, spec, dtype, shape, leading=1)
