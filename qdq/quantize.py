@@ -110,7 +110,7 @@ def quantize(
     """
     config = checked_config(config)
     if ranges is not None and not isinstance(ranges, TensorRanges):
-        raise ArgumentError(f"ranges must be a qdq TensorRanges (e.g. TensorRanges.load(path)), got a "
+        raise ArgumentError(f"ranges must be a qdq.TensorRanges (e.g. qdq.range_files.read_ranges(path)), got a "
                             f"{type(ranges).__name__}")
     started = time.perf_counter()
     source = load_model(model)

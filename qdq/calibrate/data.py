@@ -81,7 +81,7 @@ class ArrayData:
         if fixed and self.samples < self.rows:
             raise DataError(f"{where}: {self.samples} samples, fewer than the model's fixed batch size {self.rows}")
         self.usable = self.samples - self.samples % self.rows if fixed else self.samples
-        check_run_bytes(where, meta, self.rows)
+        check_run_bytes(where, meta, min(self.rows, self.samples))
         if self.usable < self.samples:
             log.warning("%s: the last %d samples do not fill a batch of %d and are skipped",
                         where, self.samples - self.usable, self.rows)
