@@ -230,6 +230,11 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                        help="histogram bins for entropy/percentile/mse (default: 2048)")
     group.add_argument("--scheme", choices=tuple(SCHEMES), default="int8",
                        help="int8 (default: scale amax/127) or fp8 (E4M3, scale amax/448, opset 19)")
+    group.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="calibrate in N local processes, each over a shard of the data (same ranges as one)")
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", dest="ray_address",
+                       help="calibrate the shards as Ray tasks: on the cluster at ADDRESS, or a local Ray without "
+                            "one (pip install \"qdq[ray]\")")
     group.add_argument("--max-tensors-per-pass", type=int, metavar="N",
                        help="observe at most N tensors per pass over the data (bounds memory on big models)")
 

@@ -33,7 +33,8 @@ def make_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
     """The QuantizeConfig of whichever option groups this command has."""
     options = {name: getattr(args, name) for name in ("method", "percentile", "num_bins", "max_tensors_per_pass",
                                                       "batch_size", "exclude_nodes", "exclude_op_types",
-                                                      "include_op_types", "scheme") if hasattr(args, name)}
+                                                      "include_op_types", "scheme", "workers",
+                                                      "ray_address") if hasattr(args, name)}
     if hasattr(args, "per_tensor_weights"):
         options["per_channel"] = not args.per_tensor_weights
     try:

@@ -209,7 +209,10 @@ def load_timing_cache(config: Any, path: Path | None) -> list[str]:
         except OSError as exc:
             data = b""
             log.warning("%s: cannot read the timing cache (%s): building with a fresh one", path, exc)
-    cache = config.create_timing_cache(data)
+    try:
+        cache = config.create_timing_cache(data)
+    except (RuntimeError, TypeError, ValueError):  # bytes TensorRT cannot read at all: as rejected, below
+        cache = None
     if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
         return []
     message = (f"{path}: TensorRT rejected this timing cache (made on another GPU or TensorRT version?): "
@@ -354,14 +357,19 @@ class EngineRunner:
     def _release(self, stream: Any, pointers: list[int]) -> None:
         """Free what one run allocated; a failure here is logged, never hides the error that got us here."""
         for pointer in pointers:
-            self._quietly(self.cudart.cudaFree(pointer), "cudaFree")
+            self._quietly("cudaFree", pointer)
         if stream is not None:
-            self._quietly(self.cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+            self._quietly("cudaStreamDestroy", stream)
 
-    def _quietly(self, result: Any, what: str) -> None:
-        error = result[0] if isinstance(result, tuple) else result
-        if error != self.cudart.cudaError_t.cudaSuccess:
-            log.warning("%s: CUDA %s failed: %s", self.path, what, getattr(error, "name", error))
+    def _quietly(self, call: str, argument: Any) -> None:
+        try:
+            result = getattr(self.cudart, call)(argument)
+            error = result[0] if isinstance(result, tuple) else result
+            failed = error != self.cudart.cudaError_t.cudaSuccess
+        except Exception as exc:  # still release the rest; the run's own error, if any, is the one to report
+            error, failed = f"{type(exc).__name__}: {exc}", True
+        if failed:
+            log.warning("%s: CUDA %s failed: %s", self.path, call, getattr(error, "name", error))
 
 
 def run_engine(engine_path: str | os.PathLike[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
