@@ -113,7 +113,8 @@ class QuantizeConfig:
 
     def placement(self) -> PlacementOptions:
         return PlacementOptions(per_channel=self.per_channel, exclude_nodes=self.exclude_nodes,
-                                exclude_op_types=self.exclude_op_types, include_op_types=self.include_op_types)
+                                exclude_op_types=self.exclude_op_types, include_op_types=self.include_op_types,
+                                scheme=self.scheme)
 
     def to_json(self) -> str:
         """The options as compact, key-sorted JSON (recorded in the output model's metadata)."""

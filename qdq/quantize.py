@@ -53,6 +53,7 @@ class Report:
     notes: tuple[str, ...] = ()
     comparison: Comparison | None = None
     seconds: float = 0.0
+    scheme: str = "int8"
 
     def summary(self) -> dict[str, int]:
         return {"quantized_nodes": self.quantized_nodes, "nodes": self.total_nodes,
@@ -143,7 +144,7 @@ def quantize(
         quantized, fp16_notes = run_passes(quantized, [CastToFP16()])
         notes.extend(fp16_notes)
     report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(used), len(plan.weights()),
-                    tuple(notes))
+                    tuple(notes), scheme=config.scheme)
     stamp_metadata(quantized, config, report, used, plan)
     check_quantized(quantized)
     comparison = None if evaluation is None else compare_models(
