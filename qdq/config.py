@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
 
+from qdq.calibrate.options import CalibrationOptions
+from qdq.calibrate.registry import METHODS as METHOD_REGISTRY
 from qdq.optimize import TECHNIQUES
 from qdq.placement.planner import PlacementOptions
+from qdq.scheme import SCHEMES, Scheme, with_fp16_scales
 
 WeightFormat = Literal["int8", "float"]
 WEIGHT_FORMATS: tuple[str, ...] = ("int8", "float")
 HIGH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
-METHODS: tuple[str, ...] = ("entropy", "max", "percentile", "mse")
+METHODS: tuple[str, ...] = tuple(METHOD_REGISTRY)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +32,7 @@ class QuantizeConfig:
             ``max`` is the largest |x| seen (fastest: no histogram); ``percentile`` the ``percentile``-th
             percentile of |x|; ``mse`` the threshold with the least quantization error.
         percentile: for ``percentile``; 99.99 as pytorch-quantization (ONNX Runtime uses 99.999).
-        num_bins: histogram bins for the histogram methods (2048, as TensorRT); even, at least 256.
+        num_bins: histogram bins for the histogram methods (2048, as TensorRT); even, from 256 to 16384.
         max_tensors_per_pass: observe at most this many tensors per pass over the data; a model with more is
             calibrated in several passes. Bounds the memory ONNX Runtime holds for exposed outputs.
         batch_size: samples per inference run when the data's first axis is the model's batch axis;
@@ -46,6 +50,12 @@ class QuantizeConfig:
             reductions and exp/log/pow, and raises the opset to 19 for FP16 Q/DQ scales.
         target_sqnr: leave the most sensitive layers float until the first output's SQNR against the float
             model reaches this many dB on the evaluation data (which it then needs).
+        scheme: ``int8`` (default; ``scale = amax / 127``, int8 zero point) or ``fp8`` (E4M3, ``scale = amax /
+            448``, FLOAT8E4M3FN zero point, opset 19; TensorRT on Hopper and later).
+        workers: calibrate with this many local processes, each observing a shard of the data with its own ONNX
+            Runtime session; the ranges are bit-identical to one process's.
+        ray_address: calibrate the shards as Ray tasks (``""`` starts a local Ray, else a cluster address);
+            needs ``pip install "qdq[ray]"``.
         optimize: how hard to work for accuracy beyond calibrated ranges (``qdq.optimize``): 0 is nearest
             rounding and nothing else; 1 (default) adds SmoothQuant and bias correction; 2 adds cross-layer
             equalization and learned rounding (greedy up/down flips per weight), which cost more time.
@@ -68,6 +78,9 @@ class QuantizeConfig:
     high_precision: str = "fp32"
     target_sqnr: float | None = None
     max_top1_drop: float | None = None
+    scheme: str = "int8"
+    workers: int = 1
+    ray_address: str | None = None
     optimize: int = 1
     techniques: tuple[str, ...] | None = None
 
@@ -90,27 +103,34 @@ class QuantizeConfig:
             object.__setattr__(self, "techniques", tuple(self.techniques))
             if unknown := [t for t in self.techniques if t not in TECHNIQUES]:
                 raise ValueError(f"unknown techniques {', '.join(unknown)}: choose from {', '.join(TECHNIQUES)}")
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
-            raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
-        if not isinstance(self.num_bins, int) or self.num_bins < 256 or self.num_bins % 2:
-            raise ValueError(f"num_bins must be an even integer >= 256, got {self.num_bins!r}")
-        if self.max_tensors_per_pass is not None and (
-                not isinstance(self.max_tensors_per_pass, int) or self.max_tensors_per_pass < 1):
-            raise ValueError(f"max_tensors_per_pass must be a positive integer, got {self.max_tensors_per_pass!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.target_sqnr is not None and not (isinstance(self.target_sqnr, int | float)
+                                                 and math.isfinite(self.target_sqnr)):
+            raise ValueError(f"target_sqnr must be a finite number of dB, got {self.target_sqnr!r}")
         if self.max_top1_drop is not None and not 0 <= self.max_top1_drop < 100:
             raise ValueError(f"max_top1_drop must be a percentage in [0, 100), got {self.max_top1_drop!r}")
         if self.high_precision not in HIGH_PRECISIONS:
             raise ValueError(f"high_precision must be one of {', '.join(HIGH_PRECISIONS)}, got {self.high_precision!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        self.calibration()  # validates the calibration options
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
 
+    def calibration(self) -> CalibrationOptions:
+        return CalibrationOptions(method=self.method, percentile=self.percentile, num_bins=self.num_bins,
+                                  max_tensors_per_pass=self.max_tensors_per_pass, scheme=self.quant_scheme(),
+                                  workers=self.workers, ray_address=self.ray_address)
+
+    def quant_scheme(self) -> Scheme:
+        scheme = SCHEMES[self.scheme]
+        return with_fp16_scales(scheme) if self.high_precision == "fp16" else scheme
+
     def placement(self) -> PlacementOptions:
         return PlacementOptions(per_channel=self.per_channel, exclude_nodes=self.exclude_nodes,
-                                exclude_op_types=self.exclude_op_types, include_op_types=self.include_op_types)
+                                exclude_op_types=self.exclude_op_types, include_op_types=self.include_op_types,
+                                scheme=self.scheme)
 
     def to_json(self) -> str:
         """The options as compact, key-sorted JSON (recorded in the output model's metadata)."""

@@ -1,29 +1,33 @@
-"""Per-tensor ranges: the amax of each activation, and exact scales where a file fixed them."""
+"""Per-tensor ranges: the amax of each activation, and exact scales where a file fixed them.
+
+A pure value: reading and writing files is ``qdq.range_files``'s job (``read_ranges``, ``write_ranges``).
+"""
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import onnx
 
-from qdq.calibrate.histogram import Histogram
-from qdq.scheme import symmetric_scale
+from qdq.graph import GraphIndex
+from qdq.ops import RESHAPE_OPS
+from qdq.scheme import INT8, Scheme
 
-# Ops whose output holds exactly the values of their data input, so it has the same amax.
-COPY_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
+if TYPE_CHECKING:
+    from qdq.calibrate.histogram import Histogram
 
 
 @dataclass(frozen=True)
 class TensorRanges:
     """``amax`` per tensor name, how they were obtained, and exact scales where a file gave them.
 
-    ``scales`` holds float32 scales that must be used bit for bit (a TensorRT calibration cache stores the
-    scale, not the amax); for other tensors the scale is ``float32(amax / 127)``. ``header`` keeps a cache's
-    first line so that writing it back reproduces the file. ``histograms`` are the calibration statistics of the
-    histogram methods (for reports; O(bins) each).
+    ``scales`` holds INT8 float32 scales that must be used bit for bit (a TensorRT calibration cache stores the
+    INT8 scale, not the amax); otherwise, and for every other scheme, the scale is the scheme's of the amax.
+    ``header`` keeps a cache's first line so that writing it back reproduces the file. ``histograms`` are the
+    calibration statistics of the histogram methods (for reports; O(bins) each).
     """
 
     amax: Mapping[str, float]
@@ -50,11 +54,11 @@ class TensorRanges:
     def names(self) -> set[str]:
         return set(self.amax)
 
-    def scale(self, name: str) -> float:
-        """The float32 scale of a tensor: the file's exact scale, or ``float32(amax / 127)``."""
-        if name in self.scales:
+    def scale(self, name: str, scheme: Scheme = INT8) -> float:
+        """The scale of a tensor: for INT8 the file's exact scale where it has one, else ``scheme.scale(amax)``."""
+        if scheme == INT8 and name in self.scales:
             return self.scales[name]
-        return float(symmetric_scale(self.amax[name]))
+        return float(scheme.scale(self.amax[name]))
 
     def subset(self, names: list[str]) -> TensorRanges:
         return TensorRanges({n: self.amax[n] for n in names}, method=self.method, samples=self.samples,
@@ -87,32 +91,21 @@ class TensorRanges:
         return TensorRanges(amax, method=self.method, samples=self.samples, scales=scales, header=self.header,
                             histograms=self.histograms)
 
-    def save(self, path: str | os.PathLike[str], fmt: str | None = None) -> None:
-        from qdq.range_files import write_ranges
-
-        write_ranges(self, path, fmt)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], fmt: str | None = None) -> TensorRanges:
-        from qdq.range_files import read_ranges
-
-        return read_ranges(path, fmt)
-
 
 def inherit_through_copies(model: onnx.ModelProto, names: list[str], ranges: TensorRanges
                            ) -> tuple[TensorRanges, list[str]]:
-    """Give tensors made by copy ops (Reshape, Flatten, Transpose...) the range of their input when they lack one.
+    """Give tensors made by reshape ops (Reshape, Flatten, Transpose...) the range of their input when they lack one.
 
     Range files name the tensors TensorRT saw; a reshape before a classifier often has none, but it holds the
     same values as its input. Returns the completed ranges and a note per inherited tensor.
     """
-    made_by = {out: node for node in model.graph.node for out in node.output}
+    index = GraphIndex(model)
     amax, scales, notes = dict(ranges.amax), dict(ranges.scales), []
     for name in names:
-        source, node = name, made_by.get(name)
-        while source not in amax and node is not None and node.op_type in COPY_OPS:
+        source, node = name, index.producer(name)
+        while source not in amax and node is not None and node.op_type in RESHAPE_OPS:
             source = node.input[0]
-            node = made_by.get(source)
+            node = index.producer(source)
         if source != name and source in amax:
             amax[name] = amax[source]
             if source in scales:

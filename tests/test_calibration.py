@@ -158,7 +158,7 @@ def test_several_passes_need_rereadable_data(rng):
     images = np.load(DIGITS / "calib.npz")["image"]
     one_shot = open_data(({"image": images[i:i + 8]} for i in range(0, 64, 8)), input_specs(model))
     with pytest.raises(DataError, match="more than once"):
-        collect_ranges(model, names, one_shot, QuantizeConfig(max_tensors_per_pass=3))
+        collect_ranges(model, names, one_shot, QuantizeConfig(max_tensors_per_pass=3).calibration())
 
 
 def test_calibration_does_not_touch_the_callers_arrays(rng):

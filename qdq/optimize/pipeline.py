@@ -52,6 +52,8 @@ def after_calibration(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRan
     bias = "bias-correction" in chosen
     if not (rounding or bias) or not plan:
         return model, []
+    if config.scheme != "int8":
+        return model, logged([f"adaround and bias-correction skipped: they model the int8 grid, not {config.scheme}"])
     if data is None:
         return model, logged(["adaround and bias-correction skipped: they need calibration data"])
     model, notes = optimize_weights(model, plan, ranges, data,
