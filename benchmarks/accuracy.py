@@ -46,8 +46,7 @@ ROWS: list[tuple[str, dict]] = [
     ("previous default (entropy)", PREVIOUS),
     ("+ equalize", {**PREVIOUS, "techniques": ("equalize",)}),
     ("+ smoothquant", {**PREVIOUS, "techniques": ("smoothquant",)}),
-    ("+ adaround (greedy flips only)", {**PREVIOUS, "optimize": 1, "techniques": ("adaround",)}),
-    ("+ adaround (as level 2: relaxation, then flips)", {**PREVIOUS, "optimize": 2, "techniques": ("adaround",)}),
+    ("+ adaround", {**PREVIOUS, "techniques": ("adaround",)}),
     ("+ bias-correction", {**PREVIOUS, "techniques": ("bias-correction",)}),
     ("--optimize 1", {"method": "entropy", "optimize": 1}),
     ("--optimize 2", {"method": "entropy", "optimize": 2}),
@@ -106,6 +105,9 @@ def ort_best(path: Path) -> dict:
 
 
 def main(names: list[str]) -> None:
+    import logging
+
+    logging.getLogger("qdq").setLevel(logging.WARNING)
     print("| model | configuration | SQNR dB | top-1 agree | accuracy | time s |")
     print("|---|---|---:|---:|---:|---:|")
     for name in names:

@@ -222,15 +222,18 @@ def test_smoothquant_leaves_the_float_model_unchanged_and_flattens_the_activatio
     x = rng.normal(size=(8, 6, 16)).astype(np.float32)
     from qdq.calibrate.data import input_specs, open_data
 
-    smoothed, notes = smooth(prepared, plan, open_data({"x": x}, input_specs(prepared)), QuantizeConfig())
+    data = open_data({"x": x}, input_specs(prepared))
+    smoothed, notes = smooth(prepared, plan, data, QuantizeConfig(), branches=True)
     for before, after in zip(run_ort(prepared, {"x": x}), run_ort(smoothed, {"x": x}), strict=True):
         np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
-    norm_before = run_ort(prepared, {"x": x}, ["n"])[0].reshape(-1, 16)
-    norm_after = run_ort(smoothed, {"x": x}, ["n"])[0].reshape(-1, 16)
-    assert spread(np.abs(norm_after).max(0)) < 0.5 * spread(np.abs(norm_before).max(0))
-    text = " ".join(notes)
-    assert "smoothquant on 1 of 1" in text, notes
-    assert "also read by" in text, "the LayerNorm with a residual reader is skipped with its reason"
+    for tensor in ("n", "n2"):  # pre-norm: folded into the LayerNorm; post-norm: a Mul on the layers' branch
+        norm_before = run_ort(prepared, {"x": x}, [tensor])[0].reshape(-1, 16)
+        norm_after = run_ort(smoothed, {"x": x}, [tensor])[0].reshape(-1, 16)
+        assert spread(np.abs(norm_after).max(0)) < 0.5 * spread(np.abs(norm_before).max(0)), tensor
+    assert "smoothquant on 2 of 2" in " ".join(notes), notes
+    assert len(nodes_by_op(smoothed, "Mul")) == 1, "only the post-norm LayerNorm needs a Mul"
+    _, notes = smooth(prepared, plan, data, QuantizeConfig(), branches=False)
+    assert "post-norm (its output is also read by" in " ".join(notes), "skipped at level 1, with its reason"
 
 
 def test_config_rejects_unknown_levels_and_techniques():
