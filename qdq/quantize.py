@@ -141,10 +141,10 @@ def quantize(
     used = plan_ranges(working, plan, calibration, config, ranges, notes, progress=progress)
     if config.target_sqnr is not None or config.max_top1_drop is not None:
         plan, used = meet_target(working, plan, used, evaluation, float_session, config, notes, progress=progress)
+    check_weights(working, plan)
     working, technique_notes = after_calibration(working, plan, used, calibration, config)
     notes.extend(technique_notes)
 
-    check_weights(working, plan)
     note_bounds(used, scheme, notes)
     quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme).run(working).model
     if config.high_precision == "fp16":

@@ -24,7 +24,10 @@ def quantized():
             rng = np.random.default_rng(7)
             model = light_model(name, rng)
             data = {model.graph.input[0].name: rng.normal(0, 1, (3, 3, 224, 224)).astype(np.float32)}
-            cache[name] = (model, data, qdq.quantize(model, data, config=qdq.QuantizeConfig(method="max")))
+            # optimize=0: these tests check calibration and placement on large models; the accuracy techniques
+            # (tests/test_optimize.py) would double the time VGG-19 takes here.
+            cache[name] = (model, data, qdq.quantize(model, data, config=qdq.QuantizeConfig(method="max",
+                                                                                          optimize=0)))
         return cache[name]
 
     return get
