@@ -250,3 +250,20 @@ def test_ranges_given_skip_the_float_rewrites(rng):
     result = qdq.quantize(model, {"x": x}, ranges=ranges, config=QuantizeConfig(optimize=2))
     assert any("smoothquant skipped: ranges were given" in n or "equalize and smoothquant skipped" in n
                for n in result.report.notes), result.report.notes
+
+
+def test_explain_lists_each_technique_and_what_it_skips(rng, tmp_path, capsys):
+    from qdq.cli import main
+
+    path = tmp_path / "chain.onnx"
+    onnx.save(parse(CHAIN, rng), str(path))
+    assert main(["explain", str(path), "--optimize", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "techniques at --optimize 2: equalize, smoothquant, adaround, bias-correction" in out
+    assert "equalize: Conv_a -> Conv_d (Relu)" in out and "equalize skips" in out and "ReLU6" in out
+    assert main(["explain", str(path), "--techniques", "bias-correction"]) == 0
+    assert "equalize" not in capsys.readouterr().out.split("techniques at")[1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", str(path), "--techniques", "magic"])
+    assert exit_info.value.code == 2
+    assert "unknown technique 'magic'" in capsys.readouterr().err
