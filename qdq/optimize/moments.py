@@ -34,14 +34,29 @@ class Moments:
 
     count: int = 0
     total: np.ndarray | None = None  # [groups, K]
+    # Per-sample output shifts ΔW·mean(patch of sample i), when ΔW is known: their count, sum and sum of squares.
+    samples: int = 0
+    shift_sum: np.ndarray | None = None
+    shift_squares: np.ndarray | None = None
     gram_rows: int = 0
     gram: np.ndarray | None = None  # [groups, K, K]
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
 
-    def update(self, layer: Layer, x: np.ndarray, *, with_gram: bool) -> None:
-        total, rows = layer.patch_sum(x)
-        self.total = total if self.total is None else self.total + total
-        self.count += rows
+    def update(self, layer: Layer, x: np.ndarray, *, with_gram: bool, delta: np.ndarray | None = None) -> None:
+        """Add a batch; with ``delta`` (ΔW as ``[groups, N, K]``) also each sample's output shift."""
+        if delta is None:
+            total, rows = layer.patch_sum(x)
+            self.total = total if self.total is None else self.total + total
+            self.count += rows
+        else:
+            for sample in x.reshape(-1, *x.shape[1:]) if x.ndim > 1 else [x]:
+                total, rows = layer.patch_sum(sample[None] if layer.op == "Conv" else sample)
+                self.total = total if self.total is None else self.total + total
+                self.count += rows
+                shift = np.einsum("gnk,gk->gn", delta, total / max(rows, 1)).reshape(-1)
+                self.shift_sum = shift if self.shift_sum is None else self.shift_sum + shift
+                self.shift_squares = shift ** 2 if self.shift_squares is None else self.shift_squares + shift ** 2
+                self.samples += 1
         if with_gram:
             patches = layer.patches(x, GRAM_ROWS_PER_BATCH, self.rng)
             gram = patches.transpose(0, 2, 1) @ patches
@@ -51,13 +66,21 @@ class Moments:
     def mean(self) -> np.ndarray:
         return self.total / max(self.count, 1)
 
+    def shift_error(self) -> np.ndarray | None:
+        """The standard error of the mean per-sample shift, per channel (None below 3 samples)."""
+        if self.samples < 3:
+            return None
+        mean = self.shift_sum / self.samples
+        variance = np.maximum(self.shift_squares / self.samples - mean ** 2, 0.0) * self.samples / (self.samples - 1)
+        return np.sqrt(variance / self.samples)
+
     def second(self) -> np.ndarray:
         """``E[patch patch^T]`` per group."""
         return self.gram / max(self.gram_rows, 1)
 
 
 def collect_moments(quantized: onnx.ModelProto, layers: list[Layer], data: Dataset, *,
-                    with_gram: bool) -> dict[str, Moments]:
+                    with_gram: bool, deltas: dict[str, np.ndarray] | None = None) -> dict[str, Moments]:
     """Moments of each layer's input in ``quantized`` (a Q/DQ model whose node names are the layers')."""
     inputs = {n.name: n.input[0] for n in quantized.graph.node}
     moments = {layer.node: Moments() for layer in layers}
@@ -77,7 +100,8 @@ def collect_moments(quantized: onnx.ModelProto, layers: list[Layer], data: Datas
             for layer in group:
                 name = inputs[layer.node]
                 x = values[name] if name in values else batch.feeds[name]
-                moments[layer.node].update(layer, x, with_gram=with_gram)
+                moments[layer.node].update(layer, x, with_gram=with_gram,
+                                            delta=None if deltas is None else deltas[layer.node])
     log.debug("measured the inputs of %d layers in %d passes", len(layers), len(groups))
     return moments
 

@@ -17,7 +17,7 @@ import onnx
 
 from qdq.calibrate.data import Dataset
 from qdq.optimize.adaround import learned_rounding, nearest
-from qdq.optimize.bias_correction import apply_correction, mean_shift
+from qdq.optimize.bias_correction import apply_correction
 from qdq.optimize.layers import Layer, find_layers, initializer_values, replace_initializer
 from qdq.optimize.moments import Moments, collect_moments
 from qdq.passes.materialize import MaterializeQDQ
@@ -89,18 +89,30 @@ def combined_second(group: list[Layer], moments: dict[str, Moments]) -> np.ndarr
 def correct_biases(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, ranges: TensorRanges,
                    data: Dataset, original: dict[str, np.ndarray], *, rounded: bool) -> str:
     started = time.perf_counter()
-    quantized = quantized_model(model, plan, ranges)
-    moments = collect_moments(quantized, layers, data, with_gram=False)
     current = initializer_values(model, {layer.weight for layer in layers}) if rounded else original
-    largest = 0.0
+    deltas = {}
     for layer in layers:
-        w = original[layer.weight]
         scale = layer.channel_scales(current[layer.weight])
-        dequantized = layer.unmatrix(scale[..., None] * nearest(layer.matrix(current[layer.weight]), scale), w)
-        shift = mean_shift(layer, w, dequantized, moments[layer.node].mean())
+        weight = layer.matrix(original[layer.weight]).astype(np.float64)
+        deltas[layer.node] = scale[..., None] * nearest(layer.matrix(current[layer.weight]), scale) - weight
+    moments = collect_moments(quantized_model(model, plan, ranges), layers, data, with_gram=False, deltas=deltas)
+    largest = 0.0
+    dropped = channels = 0
+    for layer in layers:
+        stats = moments[layer.node]
+        shift = np.einsum("gnk,gk->gn", deltas[layer.node], stats.mean()).reshape(-1)
+        if (error := stats.shift_error()) is not None:
+            # A channel's shift is kept only if it is more than twice its standard error over the samples. With
+            # few samples of inputs whose mean varies from sample to sample, the measured shift is noise, and
+            # correcting it cost 1.9 dB on held-out data for a GRU calibrated on 8 samples.
+            noisy = np.abs(shift) <= 2 * error
+            dropped += int(noisy.sum())
+            channels += noisy.size
+            shift = np.where(noisy, 0.0, shift)
         apply_correction(model, layer, shift)
         largest = max(largest, float(np.abs(shift).max(initial=0.0)))
     return (f"bias correction (empirical: mean inputs through the quantized model) on {len(layers)} layers, "
+            f"{dropped} of {channels} channel shifts left out as within 2 standard errors of 0, "
             f"largest shift {largest:.3g} ({time.perf_counter() - started:.1f} s)")
 
 
