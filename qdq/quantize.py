@@ -27,7 +27,7 @@ from qdq.ops import CONTROL_FLOW_OPS, WEIGHTED_OPS
 from qdq.passes.base import run_passes
 from qdq.passes.fold_batchnorm import FoldBatchNorm
 from qdq.passes.fold_constants import FoldConstants
-from qdq.passes.high_precision import CastToFP16
+from qdq.passes.high_precision import FP16_MIN_OPSET, CastToFP16
 from qdq.passes.identities import RemoveIdentities
 from qdq.passes.materialize import MaterializeQDQ
 from qdq.passes.names import NameNodes
@@ -134,9 +134,9 @@ def quantize(
     else:
         float_session = None
 
-    quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme).run(prepared).model
+    quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme)(prepared).model
     if config.high_precision == "fp16":
-        quantized, fp16_notes = run_passes(quantized, [CastToFP16()])
+        quantized, fp16_notes = run_passes(quantized, [UpgradeOpset(FP16_MIN_OPSET), CastToFP16()])
         notes.extend(fp16_notes)
     report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(used), len(plan.weights()),
                     tuple(notes), scheme=config.scheme)
