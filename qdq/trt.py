@@ -23,7 +23,7 @@ import numpy as np
 from qdq.errors import MissingDependencyError, QdqError
 from qdq.model_io import check_writable, write_atomic
 from qdq.trt_inspect import LayerSummary, layer_precision, summarize_layers, tensor_precision
-from qdq.trt_plan import Shapes, dims_text, parse_shapes, trtexec_command
+from qdq.trt_plan import Shapes, dims_text, example_shapes, parse_shapes, trtexec_command
 
 __all__ = ["EngineError", "EngineRunner", "LayerSummary", "Shapes", "build_engine", "layer_precision",
            "parse_shapes", "run_engine", "summarize_layers", "tensor_precision", "trtexec_command",
@@ -182,8 +182,9 @@ def add_profile(builder: Any, network: Any, config: Any, shapes: Shapes) -> None
     if not dynamic:
         return
     if missing := [n for n in dynamic if n not in shapes]:
+        first = next(t for t in inputs if t.name == missing[0])
         raise EngineError(f"inputs {missing} have dynamic dims or are shape tensors: give their shapes (values for "
-                          f"a shape tensor), e.g. --shapes {missing[0]}:1x3x224x224")
+                          f"a shape tensor), e.g. --shapes {example_shapes(first.name, tuple(first.shape))}")
     profile = builder.create_optimization_profile()
     for tensor in inputs:
         if tensor.name not in dynamic:

@@ -449,3 +449,9 @@ def test_any_binding_raising_ends_as_an_engine_error_or_exit_3(monkeypatch, tmp_
             assert "Traceback" not in str(exc) and "\n" not in str(exc), str(exc)
     assert state.streams == set() or call == "cudart.cudaStreamDestroy", f"{call}: a stream left undestroyed"
     assert state.memory == {} or call == "cudart.cudaFree", f"{call}: device memory left allocated"
+
+
+def test_missing_shapes_are_asked_for_with_an_example_from_the_model(no_tensorrt, digits_qdq, tmp_path, capsys):
+    code = main(["build", str(digits_qdq), "-o", str(tmp_path / "d.engine"), "--dry-run"])
+    assert code == 1
+    assert "--shapes image:1x1x8x8,8x1x8x8,32x1x8x8" in capsys.readouterr().err
