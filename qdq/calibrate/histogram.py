@@ -14,6 +14,12 @@ import math
 import numpy as np
 
 BLOCK = 1 << 16
+# --num-bins stops here: 8 bytes a bin, so a histogram takes at most 128 KB per tensor (16 KB at the default
+# 2048), and the entropy method's candidates x 128-levels tables stay near 100 MB while they are computed.
+MAX_BINS = 16384
+# The smallest top. Below it, num_bins / top would overflow float32 and bin indices would wrap around: data
+# whose largest |x| is smaller (subnormal, vanished activations) fills the lowest bins, and its amax is floored.
+MIN_TOP = 2.0 ** -100
 
 
 class Histogram:
@@ -94,7 +100,7 @@ class Histogram:
             return
         if self.top == 0.0:
             # Counts so far are all zeros (bin 0), which stay in bin 0 at any top.
-            self.top = 2.0 ** math.ceil(math.log2(value))
+            self.top = max(2.0 ** math.ceil(math.log2(value)), MIN_TOP)
             while self.top < value:  # log2 may round down just above a power of two
                 self.top *= 2.0
             return

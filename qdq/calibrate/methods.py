@@ -89,7 +89,7 @@ def kl_divergences(counts: np.ndarray, start: int = START_BIN, levels: int = LEV
     p_last = last + outliers
     body += xlogx(p_last) - p_last * np.log(q_last) - (xlogx(last) - last * np.log(q_last))
     inside = prefix[candidates]
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # total is 0 when every value was 0 (bin 0 replaced)
         kl = body / total + np.log((inside + pseudo) / total)
     # With fewer than two non-empty bins below the threshold, P and Q are both one spike and KL is 0 whatever is
     # clipped (discrete data such as 8-bit pixels): such a threshold is never a candidate.
