@@ -118,6 +118,21 @@ def settle_qdq(model: onnx.ModelProto, half: dict[str, bool], links: GraphIndex)
                                   if dq.op_type == "DequantizeLinear")
 
 
+def input_slot(node: onnx.NodeProto, index: int, opset: int) -> str:
+    """How input ``index`` of ``node`` is typed: ``float32`` when the op fixes it (Resize's scales), ``own-type``
+    when its type parameter differs from the output's (Resize's roi, Pow's exponent), else ``follows``."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    except onnx.defs.SchemaError:
+        return "follows"
+    if not schema.inputs or not schema.outputs:
+        return "follows"
+    formal = schema.inputs[min(index, len(schema.inputs) - 1)]
+    if formal.type_str == "tensor(float)":
+        return "float32"
+    return "follows" if formal.type_str == schema.outputs[0].type_str else "own-type"
+
+
 def rewrite(model: onnx.ModelProto, half: dict[str, bool], types: dict[str, int]) -> onnx.ModelProto:
     """Give each float tensor its producer's precision, cast where a consumer wants the other, convert weights."""
     graph = model.graph
@@ -143,13 +158,18 @@ def rewrite(model: onnx.ModelProto, half: dict[str, bool], types: dict[str, int]
         return casts[(name, FP16)]
 
     scale_slots = {"QuantizeLinear": (1,), "DequantizeLinear": (1,)}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), FP16_MIN_OPSET)
     for node in graph.node:
-        wanted = FP16 if half[node.name] else FP32
+        node_wants = FP16 if half[node.name] else FP32
         for i, name in enumerate(node.input):
             if not name or types.get(name) not in (FP32, FP16):
                 continue
             if node.op_type == "DequantizeLinear" and i == 0:
                 continue  # the int8 input
+            slot = "follows" if node.op_type in QDQ_OPS else input_slot(node, i, opset)
+            if slot == "own-type" and name in initializers:
+                continue  # e.g. Resize's roi: any float type, independent of the data; leave the constant as is
+            wanted = FP32 if slot == "float32" else node_wants
             current = FP16 if name in produced_half else types[name]
             if i in scale_slots.get(node.op_type, ()) or current != wanted:
                 if name in initializers and wanted == FP16:
