@@ -38,7 +38,7 @@ FUSED_ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryA
 # per-channel affine (usually folded away), so it is not one: a residual Add before a pre-activation BatchNorm
 # (ResNet-v2, DenseNet) must stay quantizable.
 NORMALIZATION_OPS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization",
-                               "SimplifiedLayerNormalization", "LpNormalization"})
+                               "SimplifiedLayerNormalization", "RMSNormalization", "LpNormalization"})
 REDUCTION_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
                            "ReduceLogSumExp", "ReduceSumSquare", "ReduceMax", "ReduceMin"})
 # exp/log/pow/sqrt: where small relative errors grow (FP16 overflow, cancellation inside a variance).

@@ -126,3 +126,33 @@ def test_attention_op_stays_float_with_its_reason(rng):
     result = qdq.quantize(model, data, evaluation_data=data)
     # Four INT8 projections around a float attention; measured 37 dB.
     assert result.report.comparison.outputs[0].sqnr_db > 30
+
+
+# ONNX's RMSNormalization (opset 23; Llama/T5's norm as one op, as graph optimizers fuse it): a normalisation like
+# LayerNormalization. The residual Add before it stays float, and --high-precision fp16 keeps it FP32.
+RMS_NORM = """
+<ir_version: 10, opset_import: ["" : 23]>
+rms (float[N, 16, 64] x) => (float[N, 16, 64] y)
+<float[64, 64] w1 = {0.0}, float[64, 64] w2 = {0.0}, float[64] gamma = {0.0}>
+{
+    h = MatMul(x, w1)
+    s = Add(h, x)
+    n = RMSNormalization<axis = -1>(s, gamma)
+    y = MatMul(n, w2)
+}
+"""
+
+
+def test_rms_normalization_op_is_a_normalisation(rng):
+    model = parse(RMS_NORM, rng, weight_scale=0.15)
+    plan = qdq.explain(model)
+    norm = next(d for d in plan.decisions if d.op == "RMSNormalization")
+    residual = next(d for d in plan.decisions if d.op == "Add")
+    assert norm.rule == "float-region" and not norm.quantized, norm
+    assert residual.rule == "float-region" and not residual.quantized, residual
+    data = {"x": rng.standard_normal((4, 16, 64)).astype(np.float32)}
+    fp16 = qdq.quantize(model, data, config=qdq.QuantizeConfig(high_precision="fp16"))
+    inferred = onnx.shape_inference.infer_shapes(fp16.model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    node = next(n for n in fp16.model.graph.node if n.op_type == "RMSNormalization")
+    assert types[node.input[0]] == FP32 and types[node.output[0]] == FP32, "RMSNormalization must run in FP32"

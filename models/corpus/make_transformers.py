@@ -13,6 +13,7 @@ Writes, next to this script, for each model NAME the corpus files (see the corpu
 | vit_tiny        | ViT image classifier                             | TorchScript | 17    | pixels                 |
 | whisper_encoder | Whisper audio encoder on log-mel features        | dynamo      | 27    | mel features           |
 | wav2vec2_audio  | wav2vec2 on raw audio (conv feature stack)       | TorchScript | 17    | waveform               |
+| llama_decoder   | Llama decoder (RMS norm, rotary, GQA, SwiGLU)    | dynamo      | 18    | ids, mask              |
 | t5_encoder      | T5 encoder (RMS norm, relative position buckets) | TorchScript | 13    | ids, mask              |
 
 Opset 27 is the newest opset whose QuantizeLinear/DequantizeLinear ONNX Runtime 1.32 implements (QuantizeLinear-25;
@@ -233,6 +234,24 @@ def wav2vec2() -> torch.nn.Module:
     return Wav2Vec2()
 
 
+def llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                         initializer_range=INIT_STD, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+    class Llama(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = LlamaModel(config)
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    return Llama()
+
+
 def t5() -> torch.nn.Module:
     from transformers import T5Config, T5EncoderModel
 
@@ -273,6 +292,10 @@ SPECS = {spec.name: spec for spec in [
          "GroupNorm, grouped positional Conv1d, post-LN encoder", wav2vec2, waveform_inputs,
          ("last_hidden_state",), "torchscript", 17,
          {"input_values": {0: "batch"}, "last_hidden_state": {0: "batch"}}),
+    Spec("llama_decoder", "Llama-style decoder (Hugging Face LlamaModel): RMS norm, rotary position embedding, "
+         "grouped-query attention (4 query, 2 key/value heads), SiLU-gated MLP, causal and padding masks, no past "
+         "key values", llama, causal_inputs, ("last_hidden_state",), "dynamo", 18,
+         {"input_ids": BATCH_AND_SEQUENCE, "attention_mask": BATCH_AND_SEQUENCE}),
     Spec("t5_encoder", "T5 encoder (Hugging Face T5EncoderModel): RMS norm without mean, relative position "
          "buckets, gated GELU", t5, t5_inputs, ("last_hidden_state",), "torchscript", 13,
          {"input_ids": BATCH_AND_SEQUENCE, "attention_mask": BATCH_AND_SEQUENCE,
