@@ -307,7 +307,7 @@ def describe_missing(missing: list[str], known: TensorRanges) -> str:
     parts = []
     for name in missing[:5]:
         near = difflib.get_close_matches(name, list(known), n=1)
-        parts.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        parts.append(shown(name) + (f" (did you mean {shown(near[0])}?)" if near else ""))
     return ", ".join(parts) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
 
 
