@@ -22,10 +22,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qdq.attention import is_mask_add
-from qdq.graph import GraphIndex, fresh_name, sort_nodes
+from qdq.graph import GraphIndex, default_opset, fresh_name, sort_nodes
 from qdq.ops import ARITHMETIC_OPS, FP16_FRAGILE_OPS, NORMALIZATION_OPS, QDQ_OPS, SOFTMAX_OPS
-from qdq.passes.base import PassResult
-from qdq.passes.opset import UpgradeOpset
+from qdq.passes.base import Pass, PassError, PassResult
 
 FP32, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
 # Fragile ops whose neighbours stay FP32 with them (constants are made by them, not computed near them).
@@ -37,13 +36,18 @@ MASK_CONSTANT_LIMIT = 4096  # elements: a fill value or a precomputed [64, 64] c
 BOUNDED_OPS = SOFTMAX_OPS | NORMALIZATION_OPS | frozenset({"Sigmoid", "Tanh", "Erf", "HardSigmoid"})
 
 
-class CastToFP16:
+class CastToFP16(Pass):
     """Run the non-quantized float parts of the graph in FP16, keeping sensitive ops in FP32 (see the module)."""
 
     name = "high-precision-fp16"
+    in_place = True
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        if default_opset(model) < FP16_MIN_OPSET:
+            raise PassError(f"pass {self.name}: float16 Q/DQ scales need opset {FP16_MIN_OPSET}, the model has "
+                            f"{default_opset(model)}; run UpgradeOpset({FP16_MIN_OPSET}) before it")
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        model = UpgradeOpset(FP16_MIN_OPSET).run(model).model
         types = tensor_types(model)
         links = GraphIndex(model)
         beyond = beyond_fp16(model, links, types)
