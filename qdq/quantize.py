@@ -339,7 +339,7 @@ def check_quantized(model: onnx.ModelProto) -> None:
     """The output must pass ONNX's full check, TensorRT's rules, and load in ONNX Runtime; else it is qdq's bug."""
     try:
         check_in_memory(model, full=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise OutputError(f"the quantized model fails the ONNX checker: {first_line(exc)}") from exc
     findings = check_model(model)
     if errors := [f for f in findings if f.severity == "error"]:

@@ -124,7 +124,8 @@ def settle_qdq(model: onnx.ModelProto, half: dict[str, bool], links: GraphIndex)
 
 def input_slot(node: onnx.NodeProto, index: int, opset: int) -> str:
     """How input ``index`` of ``node`` is typed: ``float32`` when the op fixes it (Resize's scales), ``own-type``
-    when its type parameter differs from the output's (Resize's roi, Pow's exponent), else ``follows``."""
+    when its type parameter differs from the output's and the data input's (Resize's roi, Pow's exponent), else
+    ``follows``. A comparison's inputs share one type (Equal's A and B; its output is bool): they follow."""
     try:
         schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
     except onnx.defs.SchemaError:
@@ -134,7 +135,8 @@ def input_slot(node: onnx.NodeProto, index: int, opset: int) -> str:
     formal = schema.inputs[min(index, len(schema.inputs) - 1)]
     if formal.type_str == "tensor(float)":
         return "float32"
-    return "follows" if formal.type_str == schema.outputs[0].type_str else "own-type"
+    shared = (schema.outputs[0].type_str, schema.inputs[0].type_str)
+    return "follows" if formal.type_str in shared else "own-type"
 
 
 def rewrite(model: onnx.ModelProto, half: dict[str, bool], types: dict[str, int]) -> onnx.ModelProto:
