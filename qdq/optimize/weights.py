@@ -118,4 +118,4 @@ def correct_biases(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan,
 
 def quantized_model(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges) -> onnx.ModelProto:
     """``model`` with Q/DQ as the output will have them (float weights behind Q/DQ: the same arithmetic)."""
-    return MaterializeQDQ(plan, ranges, weights="float").run(model).model
+    return MaterializeQDQ(plan, ranges, weights="float")(model).model
