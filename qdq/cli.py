@@ -25,7 +25,7 @@ from qdq.commands import (
     run_sensitivity,
     run_view,
 )
-from qdq.config import HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS
+from qdq.config import DEFAULT_METHOD, HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS
 from qdq.errors import QdqError
 from qdq.range_files import FORMATS
 
@@ -209,8 +209,9 @@ def add_placement_args(parser: argparse.ArgumentParser) -> None:
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
-    group.add_argument("--method", choices=METHODS, default="entropy",
-                       help="activation range method (default: entropy, as TensorRT's entropy calibrator)")
+    group.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                       help=f"activation range method (default: {DEFAULT_METHOD}; entropy is TensorRT's entropy "
+                            "calibration)")
     group.add_argument("--percentile", type=float, default=99.99, metavar="P",
                        help="percentile of |x| for --method percentile (default: 99.99)")
     group.add_argument("--num-bins", type=int, default=2048, metavar="N",

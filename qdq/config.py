@@ -13,7 +13,8 @@ from qdq.placement.planner import PlacementOptions
 WeightFormat = Literal["int8", "float"]
 WEIGHT_FORMATS: tuple[str, ...] = ("int8", "float")
 HIGH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
-METHODS: tuple[str, ...] = ("entropy", "max", "percentile", "mse")
+METHODS: tuple[str, ...] = ("entropy", "entropy-guarded", "max", "percentile", "mse")
+DEFAULT_METHOD = "entropy-guarded"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,9 +22,11 @@ class QuantizeConfig:
     """How to quantize.
 
     Attributes:
-        method: how activation statistics become an amax (../specs/calibration.md). ``entropy`` (default) is
-            TensorRT's entropy calibration, its long-time default for INT8: it clips rare outliers when that
-            keeps more information, where ``max`` lets one outlier take the resolution of the whole tensor.
+        method: how activation statistics become an amax (../specs/calibration.md). ``entropy`` is TensorRT's
+            entropy calibration, its long-time default for INT8, as published (pytorch-quantization): it clips
+            rare outliers when that keeps more information, where ``max`` lets one outlier take the resolution
+            of the whole tensor. ``entropy-guarded`` (default) is the same search with two guards (never clip
+            more than 0.1% of the values; smoothing for outliers past a gap).
             ``max`` is the largest |x| seen (fastest: no histogram); ``percentile`` the ``percentile``-th
             percentile of |x|; ``mse`` the threshold with the least quantization error.
         percentile: for ``percentile``; 99.99 as pytorch-quantization (ONNX Runtime uses 99.999).
@@ -49,7 +52,7 @@ class QuantizeConfig:
             100 - this percent (a classifier's ``[batch, classes]`` output).
     """
 
-    method: str = "entropy"
+    method: str = DEFAULT_METHOD
     percentile: float = 99.99
     num_bins: int = 2048
     max_tensors_per_pass: int | None = None

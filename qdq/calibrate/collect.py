@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from qdq.calibrate.data import Dataset
 from qdq.calibrate.histogram import Histogram
-from qdq.calibrate.methods import amax_entropy, amax_mse, amax_percentile
+from qdq.calibrate.methods import amax_entropy, amax_entropy_guarded, amax_mse, amax_percentile
 from qdq.calibrate.stats import AbsMax
 from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, DataError
@@ -139,6 +139,8 @@ def method_amax(stat: Stat, config: QuantizeConfig) -> float:
         return amax_percentile(stat, config.percentile)
     if config.method == "entropy":
         return amax_entropy(stat)
+    if config.method == "entropy-guarded":
+        return amax_entropy_guarded(stat)
     if config.method == "mse":
         return amax_mse(stat)
     return stat.amax

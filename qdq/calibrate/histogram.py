@@ -1,10 +1,19 @@
 """A streaming histogram of |x|: O(bins) memory per tensor, mergeable, independent of batching.
 
-The bins cover ``[0, top]`` where ``top`` is the smallest power of two at or above the largest |x| seen. When a
-batch exceeds ``top``, ``top`` doubles and pairs of bins merge, so old counts map exactly onto the new bins.
-Because ``top`` depends only on the overall maximum, the same samples give the same histogram whatever the
-batch size or order: the amax methods are then pure functions of the data (NVIDIA/Model-Optimizer#619 reports
-entropy scales that changed with the batch size). The data fills between half and all of the bins.
+The counts are kept at a fine resolution, ``RESOLUTION`` fine bins per bin, over ``[0, top]`` where ``top`` is
+the smallest power of two at or above the largest |x| seen. When a batch exceeds ``top``, ``top`` doubles and
+pairs of fine bins merge, so old counts map exactly onto the new bins. Because ``top`` depends only on the
+overall maximum, the same samples give the same histogram whatever the batch size or order: the amax methods are
+then pure functions of the data (NVIDIA/Model-Optimizer#619 reports entropy scales that changed with the batch
+size). The data fills between half and all of the bins.
+
+Two views serve the methods:
+- :attr:`Histogram.counts`: ``num_bins`` bins over ``[0, top]`` (sums of fine bins, exact);
+- :meth:`Histogram.over_max`: ``num_bins`` bins over ``[0, amax]``, the grid of TensorRT's entropy calibration
+  (pytorch-quantization's histogram of a single batch), re-binned from the fine counts. Each of its bins spans
+  at least ``RESOLUTION / 2`` fine bins; a fine bin cut by a bin edge is split in proportion to its overlap.
+
+Memory: ``num_bins * RESOLUTION`` int64 counts per tensor, 256 KB at the default 2048 bins.
 """
 
 from __future__ import annotations
@@ -14,27 +23,58 @@ import math
 import numpy as np
 
 BLOCK = 1 << 16
+RESOLUTION = 16  # fine bins per bin: the re-binned [0, amax] grid stays within a few % of a direct histogram
 
 
 class Histogram:
-    """Counts of |x| in ``num_bins`` equal bins over ``[0, top]``, plus the running absmax and non-finite count."""
+    """Counts of |x| in ``num_bins`` equal bins over ``[0, top]`` (kept ``RESOLUTION`` times finer), plus the
+    running absmax and non-finite count."""
 
     def __init__(self, num_bins: int = 2048) -> None:
-        self.counts = np.zeros(num_bins, dtype=np.int64)
+        self.fine = np.zeros(num_bins * RESOLUTION, dtype=np.int64)
         self.top = 0.0  # 0 until a non-zero value is seen; a power of two after
         self.amax = 0.0
         self.nonfinite = 0
 
     @property
     def num_bins(self) -> int:
-        return len(self.counts)
+        return len(self.fine) // RESOLUTION
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``num_bins`` counts over ``[0, top]``."""
+        return self.fine.reshape(-1, RESOLUTION).sum(axis=1)
 
     @property
     def total(self) -> int:
-        return int(self.counts.sum())
+        return int(self.fine.sum())
 
     def edges(self) -> np.ndarray:
+        """The ``num_bins + 1`` edges of :attr:`counts`."""
         return np.arange(self.num_bins + 1, dtype=np.float64) * (self.top / self.num_bins)
+
+    def over_max(self, bins: int | None = None) -> np.ndarray:
+        """Counts (float) in ``bins`` equal bins over ``[0, amax]`` (default ``num_bins``); bin ``i`` ends at
+        ``(i + 1) * amax / bins``. The largest |x| falls in the last bin, as in ``histc(x, bins, 0, max)``.
+
+        The counts are linear interpolation of the fine cumulative counts: exact at fine edges, proportional
+        inside a fine bin. A bin that overlaps no non-empty fine bin stays exactly empty.
+        """
+        bins = bins or self.num_bins
+        if self.amax == 0.0:
+            out = np.zeros(bins)
+            out[0] = self.total
+            return out
+        width = self.top / len(self.fine)
+        last = min(int(self.amax / width), len(self.fine) - 1)  # the fine bin holding amax
+        cumulative = np.concatenate([[0], np.cumsum(self.fine[:last + 1])]).astype(np.float64)
+        # The fine bin holding amax ends at amax, not at its grid edge: nothing lies beyond the maximum.
+        points = np.arange(last + 2, dtype=np.float64) * width
+        points[-1] = max(self.amax, points[-2])
+        targets = np.arange(bins + 1, dtype=np.float64) * (self.amax / bins)
+        at = np.interp(targets, points, cumulative)
+        at[0], at[-1] = 0.0, cumulative[-1]
+        return np.maximum(np.diff(at), 0.0)
 
     def update(self, x: np.ndarray, *, owned: bool = False) -> None:
         """Add a batch. ``owned=True`` lets the histogram work in ``x``'s memory (an ORT output nobody reads again)."""
@@ -51,14 +91,14 @@ class Histogram:
             hi, lo = float(x.max()), float(x.min())
         self.amax = max(self.amax, hi, -lo)
         if self.amax == 0.0:
-            self.counts[0] += x.size
+            self.fine[0] += x.size
             return
         self._grow(self.amax)
         # bins / top is a power of two, so the product is exact and bin membership is the same at any resolution.
         # Blocks keep the int64 bin indices in cache; counting them is the cost.
-        factor = np.float32(self.num_bins / self.top)
+        factor = np.float32(len(self.fine) / self.top)
         index = np.empty(min(x.size, BLOCK), dtype=np.intp)
-        counts = np.zeros(self.num_bins + 1, dtype=np.int64)  # the extra bin holds |x| == top exactly
+        counts = np.zeros(len(self.fine) + 1, dtype=np.int64)  # the extra bin holds |x| == top exactly
         for start in range(0, x.size, BLOCK):
             part = x[start:start + BLOCK]
             scaled = np.abs(part, out=part if owned else None) if lo < 0 else (part if owned else part.copy())
@@ -66,7 +106,7 @@ class Histogram:
             np.copyto(index[:len(scaled)], scaled, casting="unsafe")
             np.add.at(counts, index[:len(scaled)], 1)  # numpy 2's add.at beats bincount here by a quarter
         counts[-2] += counts[-1]
-        self.counts += counts[:-1]
+        self.fine += counts[:-1]
 
     def merge(self, other: Histogram) -> Histogram:
         """The histogram of both data sets together."""
@@ -76,7 +116,7 @@ class Histogram:
         for part in (self, other):
             copy = part.copy()
             copy._grow(max(self.top, other.top))
-            merged.counts += copy.counts
+            merged.fine += copy.fine
         merged.top = max(self.top, other.top)
         merged.amax = max(self.amax, other.amax)
         merged.nonfinite = self.nonfinite + other.nonfinite
@@ -84,12 +124,12 @@ class Histogram:
 
     def copy(self) -> Histogram:
         clone = Histogram(self.num_bins)
-        clone.counts[:] = self.counts
+        clone.fine[:] = self.fine
         clone.top, clone.amax, clone.nonfinite = self.top, self.amax, self.nonfinite
         return clone
 
     def _grow(self, value: float) -> None:
-        """Widen to cover ``value``: the first top is a power of two; each doubling merges bin pairs."""
+        """Widen to cover ``value``: the first top is a power of two; each doubling merges fine bin pairs."""
         if value <= self.top or value == 0.0:
             return
         if self.top == 0.0:
@@ -99,6 +139,6 @@ class Histogram:
                 self.top *= 2.0
             return
         while self.top < value:
-            self.counts = np.concatenate([self.counts.reshape(-1, 2).sum(axis=1),
-                                          np.zeros(self.num_bins // 2, dtype=np.int64)])
+            self.fine = np.concatenate([self.fine.reshape(-1, 2).sum(axis=1),
+                                        np.zeros(len(self.fine) // 2, dtype=np.int64)])
             self.top *= 2.0
