@@ -12,15 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from qdq.graph import default_opset
+from qdq.graph import GraphIndex, default_opset
+from qdq.ops import QUANTIZED_COMPUTE_OPS, WEIGHTED_OPS, output_channel_axis
 
-UNSUPPORTED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
-                             "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
-                             "QLinearSigmoid", "QLinearLeakyRelu", "DynamicQuantizeLinear"})
-WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
-QUANTIZABLE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+WEIGHT_SLOT = 1  # the weight input of every weighted op
 
 
 @dataclass(frozen=True)
@@ -36,41 +32,9 @@ class Finding:
         return f"{self.severity}: [{self.rule}] {self.node}: {self.message}"
 
 
-class _Graph:
-    """Lookups the rules share: constants by name, producers and consumers of each tensor."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.constants = {i.name: i for i in model.graph.initializer}
-        for node in model.graph.node:
-            if node.op_type == "Constant" and node.output:
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
-                if value is not None:
-                    self.constants[node.output[0]] = value
-        self.producer = {o: n for n in model.graph.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in model.graph.output}
-        self.types = {i.name: i.data_type for i in model.graph.initializer}
-        for info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
-            if info.type.HasField("tensor_type"):
-                self.types.setdefault(info.name, info.type.tensor_type.elem_type)
-
-    def value(self, name: str) -> np.ndarray | None:
-        tensor = self.constants.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
-
-    def elem_type(self, name: str) -> int | None:
-        if name in self.constants:
-            return self.constants[name].data_type
-        return self.types.get(name)
-
-
 def check_model(model: onnx.ModelProto) -> list[Finding]:
     """All findings for ``model``, errors first."""
-    graph = _Graph(model)
+    graph = GraphIndex(model)
     findings = [*check_opset(model), *check_ops(model)]
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -80,7 +44,7 @@ def check_model(model: onnx.ModelProto) -> list[Finding]:
             findings.extend(check_quantize_pairing(node, graph))
         if node.op_type == "DequantizeLinear":
             findings.extend(check_dequantize_source(node, graph))
-        if node.op_type in QUANTIZABLE:
+        if node.op_type in WEIGHTED_OPS:
             findings.extend(check_partly_quantized(node, graph))
     return sorted(findings, key=lambda f: (f.severity != "error", f.rule, f.node))
 
@@ -93,12 +57,12 @@ def check_opset(model: onnx.ModelProto) -> Iterator[Finding]:
 
 def check_ops(model: onnx.ModelProto) -> Iterator[Finding]:
     for node in model.graph.node:
-        if node.op_type in UNSUPPORTED_OPS:
+        if node.op_type in QUANTIZED_COMPUTE_OPS:
             yield Finding("error", "qlinear-op", name_of(node),
                           f"{node.op_type} is not supported by TensorRT: use QuantizeLinear/DequantizeLinear pairs")
 
 
-def check_scale_and_zero_point(node: onnx.NodeProto, graph: _Graph) -> Iterator[Finding]:
+def check_scale_and_zero_point(node: onnx.NodeProto, graph: GraphIndex) -> Iterator[Finding]:
     name = name_of(node)
     scale = graph.value(node.input[1]) if len(node.input) > 1 else None
     if scale is None:
@@ -136,7 +100,7 @@ def check_scale_and_zero_point(node: onnx.NodeProto, graph: _Graph) -> Iterator[
                       f"{list(scale.shape)}")
 
 
-def check_axis(node: onnx.NodeProto, graph: _Graph) -> Iterator[Finding]:
+def check_axis(node: onnx.NodeProto, graph: GraphIndex) -> Iterator[Finding]:
     """Per-channel only on weights, along the output-channel axis, one scale per channel."""
     scale = graph.value(node.input[1]) if len(node.input) > 1 else None
     if scale is None or scale.size <= 1:
@@ -144,7 +108,7 @@ def check_axis(node: onnx.NodeProto, graph: _Graph) -> Iterator[Finding]:
     name = name_of(node)
     weight = graph.value(node.input[0])
     if weight is None and node.op_type == "DequantizeLinear":
-        q = graph.producer.get(node.input[0])
+        q = graph.producer(node.input[0])
         weight = graph.value(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
     if weight is None and node.op_type == "QuantizeLinear":
         weight = graph.value(node.input[0])
@@ -160,52 +124,45 @@ def check_axis(node: onnx.NodeProto, graph: _Graph) -> Iterator[Finding]:
         return
     for consumer, slot in weight_uses(node, graph):
         expected = expected_axis(consumer, weight.ndim)
-        if slot == WEIGHT_SLOTS.get(consumer.op_type) and expected is not None and axis != expected:
+        if slot == WEIGHT_SLOT and consumer.op_type in WEIGHTED_OPS and expected is not None and axis != expected:
             yield Finding("error", "per-channel", name, f"axis {axis}, but {consumer.op_type} "
                           f"{name_of(consumer)} needs its output channels, axis {expected}")
 
 
-def weight_uses(node: onnx.NodeProto, graph: _Graph) -> Iterator[tuple[onnx.NodeProto, int]]:
+def weight_uses(node: onnx.NodeProto, graph: GraphIndex) -> Iterator[tuple[onnx.NodeProto, int]]:
     outputs = node.output
     if node.op_type == "QuantizeLinear":
-        outputs = [o for dq in graph.consumers.get(node.output[0], []) for o in dq.output]
+        outputs = [o for dq in graph.consumers(node.output[0]) for o in dq.output]
     for out in outputs:
-        for consumer in graph.consumers.get(out, []):
+        for consumer in graph.consumers(out):
             for slot, name in enumerate(consumer.input):
                 if name == out:
                     yield consumer, slot
 
 
 def expected_axis(node: onnx.NodeProto, rank: int) -> int | None:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if attribute(node, "transB", 0) else 1
-    if node.op_type == "MatMul":
-        return rank - 1
-    return None
+    return output_channel_axis(node.op_type, rank, trans_b=bool(attribute(node, "transB", 0)),
+                               group=attribute(node, "group", 1))
 
 
-def check_quantize_pairing(node: onnx.NodeProto, graph: _Graph) -> Iterator[Finding]:
+def check_quantize_pairing(node: onnx.NodeProto, graph: GraphIndex) -> Iterator[Finding]:
     name = name_of(node)
-    readers = graph.consumers.get(node.output[0], [])
-    if not readers and node.output[0] not in graph.outputs:
+    readers = graph.consumers(node.output[0])
+    if not readers and node.output[0] not in graph.graph_outputs:
         yield Finding("error", "dangling", name, "QuantizeLinear output is not used")
     for reader in readers:
         if reader.op_type != "DequantizeLinear":
             yield Finding("error", "unpaired", name, f"QuantizeLinear feeds {reader.op_type} {name_of(reader)} "
                           "directly: every Q needs its DequantizeLinear")
-    if node.output[0] in graph.outputs:
+    if node.output[0] in graph.graph_outputs:
         yield Finding("warning", "graph-output", name, "an int8 graph output: keep graph outputs float")
-    source = graph.producer.get(node.input[0])
+    source = graph.producer(node.input[0])
     if source is not None and source.op_type == "DequantizeLinear":
         yield Finding("warning", "back-to-back", name, f"follows DequantizeLinear {name_of(source)}: two Q/DQ pairs "
                       "back to back requantize for nothing")
 
 
-def check_dequantize_source(node: onnx.NodeProto, graph: _Graph) -> Iterator[Finding]:
+def check_dequantize_source(node: onnx.NodeProto, graph: GraphIndex) -> Iterator[Finding]:
     name = name_of(node)
     source = node.input[0]
     elem = graph.elem_type(source)
@@ -213,16 +170,16 @@ def check_dequantize_source(node: onnx.NodeProto, graph: _Graph) -> Iterator[Fin
         yield Finding("error", "int32-bias", name, "DequantizeLinear of an int32 tensor (a quantized bias): "
                       "TensorRT cannot parse it; keep biases float")
         return
-    producer = graph.producer.get(source)
-    if source not in graph.constants and (producer is None or producer.op_type != "QuantizeLinear"):
+    producer = graph.producer(source)
+    if not graph.is_constant(source) and (producer is None or producer.op_type != "QuantizeLinear"):
         yield Finding("error", "unpaired", name, "DequantizeLinear reads neither a QuantizeLinear nor a constant")
-    if not graph.consumers.get(node.output[0]) and node.output[0] not in graph.outputs:
+    if not graph.consumers(node.output[0]) and node.output[0] not in graph.graph_outputs:
         yield Finding("error", "dangling", name, "DequantizeLinear output is not used")
 
 
-def check_partly_quantized(node: onnx.NodeProto, graph: _Graph) -> Iterator[Finding]:
+def check_partly_quantized(node: onnx.NodeProto, graph: GraphIndex) -> Iterator[Finding]:
     """A weighted layer with Q/DQ on some inputs only runs in float: the Q/DQ cost time for nothing."""
-    made_by = [graph.producer.get(name) for name in node.input[:2]]
+    made_by = [graph.producer(name) for name in node.input[:2]]
     dequantized = [p is not None and p.op_type == "DequantizeLinear" for p in made_by]
     if any(dequantized) and not all(dequantized):
         missing = node.input[dequantized.index(False)]

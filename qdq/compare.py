@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from qdq.calibrate.data import Dataset
 from qdq.errors import DataError
+from qdq.graph import GraphIndex
 from qdq.model_io import first_line
 from qdq.runtime import Session, make_session, quantized_session, session_exposing
 
@@ -202,15 +203,11 @@ def attribute_error(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, 
 
 def qdq_pairs(model: onnx.ModelProto) -> list[tuple[str, str]]:
     """(activation tensor, output of its DequantizeLinear) for every activation Q/DQ pair."""
-    constants = {i.name for i in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    index = GraphIndex(model)
     pairs = []
     for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
-            dq = next((r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"), None)
+        if node.op_type == "QuantizeLinear" and not index.is_constant(node.input[0]):
+            dq = next((r for r in index.consumers(node.output[0]) if r.op_type == "DequantizeLinear"), None)
             if dq is not None:
                 pairs.append((node.input[0], dq.output[0]))
     return pairs

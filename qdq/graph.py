@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 # graphsurgeon logs its own warnings (missing colour module, large folded tensors) to stdout; qdq reports
 # what matters through its own logger.
@@ -58,6 +62,88 @@ def is_float32(tensor: gs.Tensor) -> bool:
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
+
+
+class GraphIndex:
+    """Producers, consumers, constants and element types of an ONNX graph, built once.
+
+    The one index over ``onnx.ModelProto`` graphs (check, inspect, compare, range inheritance, the FP16 pass and
+    the attention tests read it); placement works on graphsurgeon, whose tensors link both ways already. Build a
+    new one after the graph changes.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.producers = {o: n for n in graph.node for o in n.output if o}
+        self._consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in dict.fromkeys(node.input):  # a node reading a tensor twice is one consumer
+                if name:
+                    self._consumers.setdefault(name, []).append(node)
+        self.constants: dict[str, onnx.TensorProto] = {i.name: i for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.output:
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    self.constants[node.output[0]] = value
+        self.graph_inputs = {i.name for i in graph.input} - set(self.constants)
+        self.graph_outputs = {o.name for o in graph.output}
+        self.types = {name: t.data_type for name, t in self.constants.items()}
+        for info in (*graph.input, *graph.value_info, *graph.output):
+            if info.type.HasField("tensor_type"):
+                self.types.setdefault(info.name, info.type.tensor_type.elem_type)
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        return self.producers.get(name)
+
+    def consumers(self, name: str) -> list[onnx.NodeProto]:
+        return self._consumers.get(name, [])
+
+    def neighbours(self, node: onnx.NodeProto) -> Iterator[onnx.NodeProto]:
+        """The nodes producing ``node``'s inputs, then the nodes reading its outputs."""
+        yield from (p for t in node.input if (p := self.producers.get(t)) is not None)
+        yield from (c for t in node.output for c in self.consumers(t))
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.constants
+
+    def value(self, name: str) -> np.ndarray | None:
+        tensor = self.constants.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def elem_type(self, name: str) -> int | None:
+        return self.types.get(name)
+
+    def small_value(self, name: str, limit: int = 16) -> np.ndarray | None:
+        """A constant's values when it has at most ``limit`` elements (checked on its dims, without loading)."""
+        tensor = self.constants.get(name)
+        if tensor is None or int(np.prod(tensor.dims, dtype=np.int64)) > limit:
+            return None
+        return numpy_helper.to_array(tensor)
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order ``graph``'s nodes topologically, in place (Kahn's algorithm: linear, stable for ready nodes)."""
+    nodes = list(graph.node)
+    made_by = {o: i for i, n in enumerate(nodes) for o in n.output}
+    waiting = [sum(1 for t in set(n.input) if t in made_by) for n in nodes]
+    readers: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for t in set(node.input):
+            if t in made_by:
+                readers.setdefault(made_by[t], []).append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    order = []
+    for i in ready:  # ``ready`` grows while it is walked: a queue without pops
+        order.append(i)
+        for j in readers.get(i, []):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.append(j)
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
 
 
 def fresh_name(base: str, taken: set[str]) -> str:

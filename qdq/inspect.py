@@ -12,7 +12,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qdq.check import QUANTIZABLE, attribute
+from qdq.check import attribute
+from qdq.graph import GraphIndex
+from qdq.ops import QDQ_OPS, WEIGHTED_OPS
 
 REASONS_KEY = "qdq.float_reasons"
 
@@ -63,12 +65,8 @@ class Inspection:
 
 
 def inspect_model(model: onnx.ModelProto) -> Inspection:
+    index = GraphIndex(model)
     constants = {i.name: i for i in model.graph.initializer}
-    made_by = {o: n for n in model.graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
     metadata = {p.key: p.value for p in model.metadata_props}
     reasons = json.loads(metadata.get(REASONS_KEY, "{}"))
 
@@ -76,7 +74,7 @@ def inspect_model(model: onnx.ModelProto) -> Inspection:
     dequantized = set()
     for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear"):
         dequantized.add(dq.output[0])
-        source = made_by.get(dq.input[0])
+        source = index.producer(dq.input[0])
         quantize = source if source is not None and source.op_type == "QuantizeLinear" else None
         tensor = quantize.input[0] if quantize is not None else dq.input[0]
         kind = "weight" if tensor in constants else "activation"
@@ -85,17 +83,17 @@ def inspect_model(model: onnx.ModelProto) -> Inspection:
         granularity = "per tensor" if scale.size <= 1 else (f"per channel (axis {attribute(dq, 'axis', 1)}, "
                                                             f"{scale.size} channels)")
         zp = onnx.helper.tensor_dtype_to_np_dtype(zero.data_type).name if zero is not None else "none"
-        consumers = tuple(n.name for n in readers.get(dq.output[0], []))
+        consumers = tuple(n.name for n in index.consumers(dq.output[0]))
         pairs.append(Pair(tensor, kind, granularity, float(np.min(scale)), float(np.max(scale)), zp, consumers))
 
     int8_nodes, float_layers = [], []
     for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if node.op_type in QDQ_OPS:
             continue
         count = sum(i in dequantized for i in node.input)
         if count:
             int8_nodes.append((node.name, node.op_type, count, len(node.input)))
-        elif node.op_type in QUANTIZABLE:
+        elif node.op_type in WEIGHTED_OPS:
             float_layers.append((node.name, node.op_type, reasons.get(node.name, "no Q/DQ on its inputs")))
     pairs.sort(key=lambda p: (p.kind, p.tensor))
     return Inspection(tuple(pairs), tuple(int8_nodes), tuple(float_layers), metadata)

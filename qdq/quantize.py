@@ -23,6 +23,7 @@ from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, DataError, OutputError
 from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
+from qdq.ops import CONTROL_FLOW_OPS, WEIGHTED_OPS
 from qdq.passes.base import run_passes
 from qdq.passes.fold_batchnorm import FoldBatchNorm
 from qdq.passes.fold_constants import FoldConstants
@@ -114,7 +115,7 @@ def quantize(
     evaluation = None if evaluation_data is None else open_data(evaluation_data, specs, config.batch_size)
 
     plan = plan_quantization(prepared, config.placement())
-    if control := [n.name for n in prepared.graph.node if n.op_type in ("If", "Loop", "Scan")]:
+    if control := [n.name for n in prepared.graph.node if n.op_type in CONTROL_FLOW_OPS]:
         notes.append(f"{len(control)} control-flow nodes ({', '.join(control[:3])}): their subgraphs are left float")
         log.warning("%s", notes[-1])
     if not plan:
@@ -248,7 +249,7 @@ def describe_missing(missing: list[str], known: TensorRanges) -> str:
 def float_reasons(plan: QuantPlan) -> str:
     """Why each Conv/ConvTranspose/Gemm/MatMul stayed float, as compact JSON (read back by ``qdq inspect``)."""
     reasons = {d.node: f"[{d.rule}] {d.reason}" for d in plan.decisions
-               if not d.quantized and d.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+               if not d.quantized and d.op in WEIGHTED_OPS}
     return json.dumps(reasons, sort_keys=True, separators=(",", ":"))
 
 

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 import onnx
 
 from qdq.calibrate.histogram import Histogram
+from qdq.graph import GraphIndex
+from qdq.ops import RESHAPE_OPS
 from qdq.scheme import symmetric_scale
-
-# Ops whose output holds exactly the values of their data input, so it has the same amax.
-COPY_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
 
 
 @dataclass(frozen=True)
@@ -101,18 +100,18 @@ class TensorRanges:
 
 def inherit_through_copies(model: onnx.ModelProto, names: list[str], ranges: TensorRanges
                            ) -> tuple[TensorRanges, list[str]]:
-    """Give tensors made by copy ops (Reshape, Flatten, Transpose...) the range of their input when they lack one.
+    """Give tensors made by reshape ops (Reshape, Flatten, Transpose...) the range of their input when they lack one.
 
     Range files name the tensors TensorRT saw; a reshape before a classifier often has none, but it holds the
     same values as its input. Returns the completed ranges and a note per inherited tensor.
     """
-    made_by = {out: node for node in model.graph.node for out in node.output}
+    index = GraphIndex(model)
     amax, scales, notes = dict(ranges.amax), dict(ranges.scales), []
     for name in names:
-        source, node = name, made_by.get(name)
-        while source not in amax and node is not None and node.op_type in COPY_OPS:
+        source, node = name, index.producer(name)
+        while source not in amax and node is not None and node.op_type in RESHAPE_OPS:
             source = node.input[0]
-            node = made_by.get(source)
+            node = index.producer(source)
         if source != name and source in amax:
             amax[name] = amax[source]
             if source in scales:

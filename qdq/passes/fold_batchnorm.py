@@ -11,6 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq.graph import export_model, import_graph, is_constant
+from qdq.ops import BATCHNORM_FOLD_TARGETS
 from qdq.passes.base import PassResult
 
 
@@ -47,7 +48,7 @@ def foldable_producer(bn: gs.Node, graph_outputs: set[str]) -> gs.Node | None:
     if not x.inputs or len(x.outputs) != 1 or x.name in graph_outputs:
         return None
     producer = x.inputs[0]
-    if producer.op not in ("Conv", "ConvTranspose", "Gemm") or not is_constant(producer.inputs[1]):
+    if producer.op not in BATCHNORM_FOLD_TARGETS or not is_constant(producer.inputs[1]):
         return None
     if len(producer.inputs) > 2 and not is_constant(producer.inputs[2]):
         return None

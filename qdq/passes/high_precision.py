@@ -18,20 +18,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq.graph import fresh_name
+from qdq.attention import is_mask_add
+from qdq.graph import GraphIndex, fresh_name, sort_nodes
+from qdq.ops import ARITHMETIC_OPS, FP16_FRAGILE_OPS, QDQ_OPS
 from qdq.passes.base import PassResult
 from qdq.passes.opset import UpgradeOpset
 
 FP32, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
-KEEP_FP32_OPS = frozenset({
-    "LayerNormalization", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "LpNormalization",
-    "Softmax", "LogSoftmax", "ReduceMean", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
-    "ReduceLogSumExp", "ReduceSumSquare", "ReduceMax", "ReduceMin", "Exp", "Log", "Pow", "Sqrt", "Reciprocal",
-    "Erf", "Range", "CumSum", "TopK", "NonMaxSuppression", "RoiAlign", "If", "Loop", "Scan", "Constant",
-    "ConstantOfShape", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-})
-ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
-QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# Fragile ops whose neighbours stay FP32 with them (constants are made by them, not computed near them).
+FP32_CORE_OPS = FP16_FRAGILE_OPS - {"Constant", "ConstantOfShape"}
 FP16_MIN_OPSET = 19  # DequantizeLinear with a float16 scale (and so a float16 output)
 
 
@@ -43,31 +38,15 @@ class CastToFP16:
     def run(self, model: onnx.ModelProto) -> PassResult:
         model = UpgradeOpset(FP16_MIN_OPSET).run(model).model
         types = tensor_types(model)
-        links = Links(model)
+        links = GraphIndex(model)
         half = {n.name: wants_fp16(n, links, types) for n in model.graph.node}
-        settle_qdq(model, half)
-        kept = sum(1 for n in model.graph.node if n.op_type not in QDQ and not half[n.name] and float_node(n, types))
+        settle_qdq(model, half, links)
+        kept = sum(1 for n in model.graph.node
+                   if n.op_type not in QDQ_OPS and not half[n.name] and float_node(n, types))
         converted = rewrite(model, half, types)
         note = (f"float parts cast to FP16: {sum(half.values())} nodes in FP16, {kept} float nodes kept in FP32 "
                 "(normalisations, Softmax, reductions, exp/log/pow and their neighbours)")
         return PassResult(converted, modified=True, notes=(note,))
-
-
-class Links:
-    """Producers, readers and small constants of a graph, built once (rules ask them for every node)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.made_by = {o: n for n in model.graph.node for o in n.output}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.small_constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
-                                if np.prod(i.dims, dtype=np.int64) <= 16}
-
-    def neighbours(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
-        sources = [self.made_by[t] for t in node.input if t in self.made_by]
-        return sources + [r for out in node.output for r in self.readers.get(out, [])]
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -86,42 +65,29 @@ def float_node(node: onnx.NodeProto, types: dict[str, int]) -> bool:
     return any(types.get(t) == FP32 for t in (*node.input, *node.output) if t)
 
 
-def wants_fp16(node: onnx.NodeProto, links: Links, types: dict[str, int]) -> bool:
-    if node.op_type in QDQ or node.op_type in KEEP_FP32_OPS or node.domain not in ("", "ai.onnx"):
+def wants_fp16(node: onnx.NodeProto, links: GraphIndex, types: dict[str, int]) -> bool:
+    if node.op_type in QDQ_OPS or node.op_type in FP16_FRAGILE_OPS or node.domain not in ("", "ai.onnx"):
         return False
     if not float_node(node, types) or node.op_type == "Cast":
         return False
-    if node.op_type in ELEMENTWISE and near_fp32_core(node, links):
+    if node.op_type in ARITHMETIC_OPS and near_fp32_core(node, links):
         return False
-    return not (node.op_type == "Add" and reads_mask(node, links))
+    return not (node.op_type == "Add" and is_mask_add(links, node.input, node.output[0]))
 
 
-def near_fp32_core(node: onnx.NodeProto, links: Links) -> bool:
+def near_fp32_core(node: onnx.NodeProto, links: GraphIndex) -> bool:
     """An elementwise op reading from or feeding a kept-FP32 op: part of a decomposed LayerNorm or GELU."""
-    return any(n.op_type in KEEP_FP32_OPS - {"Constant", "ConstantOfShape"} for n in links.neighbours(node))
+    return any(n.op_type in FP32_CORE_OPS for n in links.neighbours(node))
 
 
-def reads_mask(node: onnx.NodeProto, links: Links) -> bool:
-    """An Add of a huge constant (-1e4, -inf) or one feeding a Softmax: an attention mask."""
-    for name in node.input:
-        values = links.small_constants.get(name)
-        if values is not None and values.dtype.kind == "f" and np.any(np.abs(values) >= 1e4):
-            return True
-    return any(r.op_type == "Softmax" for out in node.output for r in links.readers.get(out, []))
-
-
-def settle_qdq(model: onnx.ModelProto, half: dict[str, bool]) -> None:
+def settle_qdq(model: onnx.ModelProto, half: dict[str, bool], links: GraphIndex) -> None:
     """A DQ is FP16 when any layer it feeds is; its Q follows it. Weight DQs follow their layer too."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear":
-            half[node.name] = any(half.get(r.name, False) for r in readers.get(node.output[0], []))
+            half[node.name] = any(half.get(r.name, False) for r in links.consumers(node.output[0]))
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear":
-            half[node.name] = any(half[dq.name] for dq in readers.get(node.output[0], [])
+            half[node.name] = any(half[dq.name] for dq in links.consumers(node.output[0])
                                   if dq.op_type == "DequantizeLinear")
 
 
@@ -174,30 +140,5 @@ def rewrite(model: onnx.ModelProto, half: dict[str, bool], types: dict[str, int]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     del graph.value_info[:]
-    sort_topologically(graph)
+    sort_nodes(graph)
     return onnx.shape_inference.infer_shapes(model)
-
-
-def sort_topologically(graph: onnx.GraphProto) -> None:
-    """Kahn's algorithm over node indices (the Casts were appended at the end)."""
-    nodes = list(graph.node)
-    made_by = {o: i for i, n in enumerate(nodes) for o in n.output}
-    waiting = [sum(1 for t in set(n.input) if t in made_by) for n in nodes]
-    readers: dict[int, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for t in set(node.input):
-            if t in made_by:
-                readers.setdefault(made_by[t], []).append(i)
-    ready = [i for i, count in enumerate(waiting) if count == 0]
-    order = []
-    while ready:
-        i = ready.pop(0)
-        order.append(i)
-        for j in readers.get(i, []):
-            waiting[j] -= 1
-            if waiting[j] == 0:
-                ready.append(j)
-    if len(order) != len(nodes):
-        raise ValueError("the graph has a cycle")
-    del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)

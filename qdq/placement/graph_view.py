@@ -1,4 +1,4 @@
-"""What placement rules ask of the graph: producers through copy ops, static dims, float regions, masks."""
+"""What placement rules ask of the graph: producers through copy ops, static dims, float regions."""
 
 from __future__ import annotations
 
@@ -6,20 +6,8 @@ from collections.abc import Iterator
 
 import onnx_graphsurgeon as gs
 
-from qdq.graph import is_constant, producer
-
-# Ops that move or reshape values without computing new ones: Q/DQ commutes with them (TensorRT moves Q
-# backward and DQ forward through them), so a quantized neighbour through them is a quantized neighbour.
-COPY_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Gather",
-                      "Split", "Expand", "Tile", "Pad", "DepthToSpace", "SpaceToDepth"})
-POOLING_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"})
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh",
-                         "HardSwish", "HardSigmoid", "Cast"})
-# Ops whose presence marks a normalisation, GELU or Softmax computation (fused or decomposed): float regions.
-FLOAT_CORE_OPS = frozenset({"Softmax", "LogSoftmax", "LayerNormalization", "Pow", "Sqrt", "Reciprocal", "Erf",
-                            "InstanceNormalization", "GroupNormalization", "SimplifiedLayerNormalization", "Gelu",
-                            "ReduceSumSquare", "ReduceL2"})
+from qdq.graph import producer
+from qdq.ops import COPY_OPS, ELEMENTWISE_OPS, FLOAT_REGION_OPS
 
 
 def source_through_copies(tensor: gs.Tensor) -> gs.Tensor:
@@ -64,7 +52,7 @@ def in_float_region(node: gs.Node, hops: int = 1) -> str | None:
     """
     if is_float_core(node):
         return f"{node.op} runs in float"
-    if node.op not in ELEMENTWISE:
+    if node.op not in ELEMENTWISE_OPS:
         return None
     frontier, seen = [node], {node.name}
     for _ in range(hops + 1):
@@ -76,7 +64,7 @@ def in_float_region(node: gs.Node, hops: int = 1) -> str | None:
                 seen.add(near.name)
                 if is_float_core(near):
                     return f"next to {near.op} ({near.name}): part of a normalisation, GELU or Softmax"
-                if near.op in ELEMENTWISE:
+                if near.op in ELEMENTWISE_OPS:
                     following.append(near)
         frontier = following
     return None
@@ -88,7 +76,7 @@ def is_float_core(node: gs.Node) -> bool:
     A ReduceMean over the spatial axes alone is global average pooling (PyTorch exports ``x.mean((2, 3))``
     so), not part of a normalisation.
     """
-    if node.op in FLOAT_CORE_OPS:
+    if node.op in FLOAT_REGION_OPS:
         return True
     if node.op != "ReduceMean" or not node.inputs:
         return False
@@ -105,58 +93,3 @@ def neighbours(node: gs.Node) -> Iterator[gs.Node]:
             yield p
     for tensor in node.outputs:
         yield from tensor.outputs
-
-
-def feeds_softmax(tensor: gs.Tensor, hops: int = 4) -> gs.Node | None:
-    """The Softmax that ``tensor`` reaches through elementwise and copy ops, if any."""
-    frontier = [tensor]
-    for _ in range(hops):
-        following = []
-        for t in frontier:
-            for node in t.outputs:
-                if node.op in ("Softmax", "LogSoftmax"):
-                    return node
-                if node.op in ELEMENTWISE or node.op in COPY_OPS:
-                    following.extend(node.outputs)
-        frontier = following
-    return None
-
-
-def from_softmax(tensor: gs.Tensor) -> gs.Node | None:
-    node = producer(source_through_copies(tensor))
-    while node is not None and node.op in ("Cast", "Dropout", "Identity") and node.inputs:
-        node = producer(node.inputs[0])
-    return node if node is not None and node.op in ("Softmax", "LogSoftmax") else None
-
-
-def mask_like(tensor: gs.Tensor, depth: int = 6) -> bool:
-    """Whether ``tensor`` is computed from integer/boolean data (an attention or padding mask) or huge constants."""
-    frontier = [tensor]
-    for _ in range(depth):
-        following = []
-        for t in frontier:
-            node = producer(t)
-            if node is None:
-                if t.dtype is not None and str(t.dtype) in ("int64", "int32", "bool", "uint8", "int8"):
-                    return True
-                continue
-            if node.op == "Cast" and node.inputs and node.inputs[0].dtype is not None and str(
-                    node.inputs[0].dtype) in ("int64", "int32", "bool", "uint8", "int8"):
-                return True
-            for inp in node.inputs:
-                if is_constant(inp):
-                    if small(inp) and inp.values.dtype.kind == "f" and inp.values.size and float(
-                            abs(inp.values).max()) >= 1e4:
-                        return True  # -10000 or -inf: an additive mask
-                else:
-                    following.append(inp)
-        frontier = following
-    return False
-
-
-def small(constant: gs.Constant, limit: int = 16) -> bool:
-    """Whether a constant has at most ``limit`` elements (checked on its shape, without loading it)."""
-    count = 1
-    for d in constant.shape:
-        count *= int(d)
-    return count <= limit

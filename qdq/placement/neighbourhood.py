@@ -10,22 +10,12 @@ from collections import deque
 
 import onnx_graphsurgeon as gs
 
-from qdq.graph import is_constant
-from qdq.placement.graph_view import (
-    COPY_OPS,
-    ELEMENTWISE,
-    POOLING_OPS,
-    consumers_through_copies,
-    feeds_softmax,
-    in_float_region,
-    mask_like,
-    producer,
-    source_through_copies,
-)
+from qdq.attention import is_mask_add
+from qdq.graph import is_constant, producer
+from qdq.ops import ELEMENTWISE_OPS, POOLING_OPS, WEIGHTED_OPS
+from qdq.placement.graph_view import consumers_through_copies, in_float_region, source_through_copies
 from qdq.placement.plan import Decision, QuantInput
 from qdq.placement.rules import PlanContext, decline
-
-FUSIBLE_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def planned_activations(decisions: dict[str, Decision]) -> set[str]:
@@ -52,7 +42,7 @@ def quantize_residual_adds(graph: gs.Graph, decisions: dict[str, Decision], ctx:
             continue
         if in_float_region(node):
             continue
-        if feeds_softmax(node.outputs[0]) or mask_like(a) or mask_like(b):
+        if is_mask_add(ctx.index, (a.name, b.name), node.outputs[0].name):
             decisions[node.name] = decline(node, "mask", "adds a mask (before Softmax, or from integer data): float")
             continue
         fused = [fusible(t, decisions) for t in (a, b)]
@@ -84,7 +74,7 @@ def fusible(tensor: gs.Tensor, decisions: dict[str, Decision]) -> bool:
         node = producer(inner)
         if node is None or len(inner.outputs) != 1:
             return False
-    return node.op in FUSIBLE_PRODUCERS and decisions[node.name].quantized
+    return node.op in WEIGHTED_OPS and decisions[node.name].quantized
 
 
 def near_quantized_layer(tensor: gs.Tensor, decisions: dict[str, Decision], hops: int = 2) -> bool:
@@ -92,9 +82,9 @@ def near_quantized_layer(tensor: gs.Tensor, decisions: dict[str, Decision], hops
         node = producer(tensor)
         if node is None:
             return False
-        if node.op in FUSIBLE_PRODUCERS:
+        if node.op in WEIGHTED_OPS:
             return decisions[node.name].quantized
-        if node.op not in ELEMENTWISE or not node.inputs:
+        if node.op not in ELEMENTWISE_OPS or not node.inputs:
             return False
         variables = [t for t in node.inputs if not is_constant(t)]
         if len(variables) != 1:
@@ -184,4 +174,4 @@ def concat_scale_groups(graph: gs.Graph, decisions: dict[str, Decision], exclude
     return tuple(sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1))
 
 
-__all__ = ["COPY_OPS", "concat_scale_groups", "quantize_pooling", "quantize_residual_adds"]
+__all__ = ["concat_scale_groups", "quantize_pooling", "quantize_residual_adds"]

@@ -9,16 +9,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq.errors import PlacementError
-from qdq.graph import import_graph, is_constant, is_float32
+from qdq.graph import GraphIndex, import_graph, is_constant, is_float32
+from qdq.ops import ALREADY_QUANTIZED_OPS
 from qdq.placement.neighbourhood import concat_scale_groups, quantize_pooling, quantize_residual_adds
 from qdq.placement.plan import Decision, QuantPlan
 from qdq.placement.rules import RULES, PlanContext, keep_float
 from qdq.runtime import output_types
-
-QUANTIZED_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-    "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QGemm",
-})
 
 
 @dataclass(frozen=True)
@@ -44,6 +40,7 @@ def plan_quantization(model: onnx.ModelProto, options: PlacementOptions | None =
     refuse_quantized(graph)
     known = learn_float32(model, graph)
     ctx = PlanContext(is_float32=lambda t: is_constant_float32(t) if is_constant(t) else known(t),
+                      index=GraphIndex(model),
                       graph_inputs=frozenset(t.name for t in graph.inputs), per_channel=options.per_channel,
                       include_op_types=frozenset(options.include_op_types))
     decisions: dict[str, Decision] = {}
@@ -72,7 +69,7 @@ def exclusion(node: gs.Node, patterns: list[tuple[str, re.Pattern]], op_types: t
 
 
 def refuse_quantized(graph: gs.Graph) -> None:
-    found = [n for n in graph.nodes if n.op in QUANTIZED_OPS]
+    found = [n for n in graph.nodes if n.op in ALREADY_QUANTIZED_OPS]
     if found:
         ops = sorted({n.op for n in found})
         raise PlacementError(

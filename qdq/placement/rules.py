@@ -11,17 +11,10 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from qdq.graph import is_constant
-from qdq.placement.graph_view import (
-    POOLING_OPS,
-    WEIGHTED_OPS,
-    feeds_softmax,
-    from_softmax,
-    in_float_region,
-    mask_like,
-    source_through_copies,
-    static_dims,
-)
+from qdq.attention import feeds_softmax, from_softmax, mask_like
+from qdq.graph import GraphIndex, is_constant
+from qdq.ops import POOLING_OPS, WEIGHTED_OPS, output_channel_axis
+from qdq.placement.graph_view import in_float_region, source_through_copies, static_dims
 from qdq.placement.plan import Decision, QuantInput
 
 MIN_GEMM_DIM = 16  # [MO] GEMMs with K or N below this gain nothing from INT8 tensor cores
@@ -34,6 +27,7 @@ class PlanContext:
     """What rules may ask about the graph and the user's options besides the node itself."""
 
     is_float32: Callable[[gs.Tensor], bool]
+    index: GraphIndex
     graph_inputs: frozenset[str] = frozenset()
     per_channel: bool = True
     include_op_types: frozenset[str] = frozenset()
@@ -127,8 +121,8 @@ def tiny_gemm(node: gs.Node) -> str | None:
 
 def attention_matmul(node: gs.Node, ctx: PlanContext) -> Decision:
     """[MO] A MatMul of two activations: Q·Kᵀ or attention·V, both operands quantized unless the sequence is long."""
-    scores = feeds_softmax(node.outputs[0])
-    probs = next((i for i, t in enumerate(node.inputs[:2]) if from_softmax(t)), None)
+    scores = feeds_softmax(ctx.index, node.outputs[0].name)
+    probs = next((i for i, t in enumerate(node.inputs[:2]) if from_softmax(ctx.index, t.name)), None)
     if scores is not None:
         kind, dims = "Q·Kᵀ", static_dims(node.outputs[0])
     elif probs is not None:
@@ -153,7 +147,7 @@ def quantize_included_op(node: gs.Node, ctx: PlanContext) -> Decision | None:
     candidates = node.inputs[:1] if node.op in ("Resize", "Upsample") else node.inputs
     if any(is_constant(t) for t in candidates):
         return decline(node, "constant-input", "pointwise op with a constant input: stays float")
-    if any(mask_like(t) for t in candidates):
+    if any(mask_like(ctx.index, t.name) for t in candidates):
         return decline(node, "mask", "reads a mask (integer data or huge constants): stays float")
     floats = [QuantInput(t.name, slot, "activation") for slot, t in enumerate(candidates) if ctx.is_float32(t)]
     if not floats:
@@ -171,16 +165,10 @@ def keep_float(node: gs.Node, ctx: PlanContext) -> Decision:
 
 def weight_axis(node: gs.Node, slot: int, rank: int) -> int | None:
     """[TRT] The output-channel axis of a constant weight, or None for per tensor."""
-    if node.op == "Conv" and slot == 1:
-        return 0
-    if node.op == "ConvTranspose" and slot == 1:
-        # W is [C_in, C_out / group, ...]: with groups, axis 1 is not the output channel, so one scale.
-        return 1 if int(node.attrs.get("group", 1)) == 1 else None
-    if node.op == "Gemm" and slot == 1:
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    if node.op == "MatMul" and slot == 1 and rank >= 2:
-        return rank - 1
-    return None  # a constant first operand (A) of Gemm/MatMul has no output-channel axis
+    if slot != 1:
+        return None  # a constant first operand (A) of Gemm/MatMul has no output-channel axis
+    return output_channel_axis(node.op, rank, trans_b=bool(int(node.attrs.get("transB", 0))),
+                               group=int(node.attrs.get("group", 1)))
 
 
 RULES: tuple[Rule, ...] = (quantize_weighted_op, quantize_included_op)
