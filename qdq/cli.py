@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "and the rule and reason that decided. Needs no data.")
     e.add_argument("model", type=Path, help="float ONNX model")
     add_placement_args(e)
+    add_method_args(e)
     e.add_argument("--json", action="store_true", help="print the plan as JSON")
     e.set_defaults(run=run_explain)
 

@@ -54,6 +54,8 @@ def run_quantize(args: argparse.Namespace) -> int:
                       labels=labels, progress=not args.quiet)
     if args.explain:
         print(result.plan.explain())
+        for name in result.ranges:
+            print(f"range: {name}  amax={result.ranges.amax[name]:.6g}  chosen by {result.ranges.source(name)}")
     result.save(output)
     if args.save_ranges:
         result.ranges.save(args.save_ranges)
@@ -64,11 +66,21 @@ def run_quantize(args: argparse.Namespace) -> int:
         comparison = result.report.comparison
         print(json.dumps({"output": str(output), **result.report.summary(), "notes": list(result.report.notes),
                           "ranges": dict(result.ranges.amax), "method": result.ranges.method,
+                          "chosen_by": {n: result.ranges.source(n) for n in result.ranges},
                           "comparison": None if comparison is None else comparison.to_dict(),
                           "seconds": result.report.seconds}, indent=1))
         return 0
     print_summary(result, output, evaluation)
     return 0
+
+
+def describe_method(method: str) -> str:
+    """How ``qdq explain`` says the ranges will be chosen (it runs no data, so no amax yet)."""
+    if method == "auto":
+        return ("--method auto: per tensor, the candidate (max, entropy, MSE, percentiles, a grid) with the least "
+                "error in the consuming layer's output; the chosen one is listed by quantize --explain, the "
+                "report, and each QuantizeLinear's doc string")
+    return f"--method {method} for every tensor"
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -78,6 +90,7 @@ def run_explain(args: argparse.Namespace) -> int:
         quantized = plan.quantized_nodes()
         print(f"{len(quantized)} of {len(plan.decisions)} nodes quantized, {len(plan.activation_names())} "
               f"activations and {len(plan.weights())} weights with Q/DQ")
+        print(f"activation ranges: {describe_method(args.method)}")
     return 0
 
 

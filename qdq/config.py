@@ -13,7 +13,7 @@ from qdq.placement.planner import PlacementOptions
 WeightFormat = Literal["int8", "float"]
 WEIGHT_FORMATS: tuple[str, ...] = ("int8", "float")
 HIGH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
-METHODS: tuple[str, ...] = ("entropy", "entropy-guarded", "max", "percentile", "mse")
+METHODS: tuple[str, ...] = ("auto", "entropy", "entropy-guarded", "max", "percentile", "mse")
 DEFAULT_METHOD = "entropy-guarded"
 
 

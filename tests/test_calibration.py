@@ -260,3 +260,68 @@ def test_rebinned_grid_equals_a_direct_histogram_where_edges_align(rng):
     h = histogram(x)
     np.testing.assert_array_equal(h.over_max(), np.histogram(x, bins=2048, range=(0.0, 1.0))[0])
     assert h.over_max().sum() == len(x)
+
+
+AUTO_LAYER = """<ir_version: 8, opset_import: ["" : 13]> g (float[N, 32] x) => (float[N, 16] y) <float[32, 16] w = {0.0}> {
+  r = Relu (x)
+  y = MatMul (r, w)
+}"""
+
+
+@pytest.mark.parametrize("tail", ["gaussian", "heavy"])
+def test_auto_picks_the_candidate_with_the_least_consumer_output_error(tail, rng):
+    # x --Relu--> r --MatMul(w)--> y: auto chooses r's amax by y's error. Brute force: quantize the model once
+    # per candidate (the ORT oracle, optimisations off) and measure y against the float model on the same data.
+    from qdq.calibrate.auto import candidates
+    from qdq.ranges import TensorRanges
+    from qdq.runtime import quantized_session
+
+    model = parse(AUTO_LAYER, rng)
+    w = next(i for i in model.graph.initializer if i.name == "w")
+    w.CopyFrom(onnx_tensor(rng.normal(0, 0.3, (32, 16)).astype(np.float32), "w"))
+    x = (rng.normal(0, 1, (96, 32)) if tail == "gaussian" else rng.standard_t(2, (96, 32))).astype(np.float32)
+    x[:, 3] *= 4  # one wide input channel
+    auto = qdq.calibrate(model, {"x": x}, config=QuantizeConfig(method="auto"))
+    assert auto.source("r").startswith("auto: ")
+    reference = quantized_session(model).run(["y"], {"x": x})[0].astype(np.float64)
+    errors = {}
+    for c in candidates(auto.histograms["r"]):
+        quantized = qdq.quantize(model, ranges=TensorRanges({"r": c.amax})).model
+        y = quantized_session(quantized).run(["y"], {"x": x})[0]
+        errors[c.method] = (c.amax, float(np.sum((y - reference) ** 2)))
+    assert len(errors) >= 8, "distinct candidates to choose among"
+    best = min(e for _, e in errors.values())
+    chosen = auto.source("r").removeprefix("auto: ")
+    assert errors[chosen][0] == auto.amax["r"]
+    assert errors[chosen][1] <= best * (1 + 1e-6), (chosen, errors)
+
+
+def onnx_tensor(values: np.ndarray, name: str):
+    import onnx
+
+    return onnx.numpy_helper.from_array(values, name)
+
+
+def test_auto_scores_a_consumer_without_weights_by_the_tensors_own_error(rng):
+    # An Add quantized by --include-op-types has no weight: its inputs are scored by their own squared error,
+    # and auto works on a one-shot iterator (the scored sample is kept while the histograms are collected).
+    model = parse('<ir_version: 8, opset_import: ["" : 13]> g (float[N, 16] a, float[N, 16] b) => '
+                  "(float[N, 16] y) <float[16, 16] w = {0.0}> { s = Add (a, b)\n y = MatMul (s, w) }", rng)
+    batches = ({"a": rng.laplace(size=(8, 16)).astype(np.float32), "b": rng.normal(size=(8, 16)).astype(np.float32)}
+               for _ in range(6))
+    ranges = qdq.calibrate(model, batches, config=QuantizeConfig(method="auto", include_op_types=("Add",)))
+    assert set(ranges) == {"a", "b", "s"} and all(ranges.source(n).startswith("auto: ") for n in ranges)
+
+
+def test_auto_says_which_method_chose_each_range(tmp_path, capsys):
+    out = tmp_path / "d.onnx"
+    assert main(["quantize", str(DIGITS / "digits.onnx"), "--calib", str(DIGITS / "calib.npz"), "-o", str(out),
+                 "--method", "auto", "--explain", "-q"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("range: ")]
+    assert len(lines) == 6 and all("chosen by auto: " in line for line in lines), lines
+    import onnx
+
+    docs = [n.doc_string for n in onnx.load(str(out)).graph.node if n.op_type == "QuantizeLinear"]
+    assert docs and all("(auto: " in d for d in docs), docs
+    assert main(["explain", str(DIGITS / "digits.onnx"), "--method", "auto"]) == 0
+    assert "activation ranges: --method auto: per tensor" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from qdq.calibrate.auto import AUTO_SAMPLES, Recording, choose
 from qdq.calibrate.data import Dataset
 from qdq.calibrate.histogram import Histogram
 from qdq.calibrate.methods import amax_entropy, amax_entropy_guarded, amax_mse, amax_percentile
@@ -18,6 +19,7 @@ from qdq.calibrate.stats import AbsMax
 from qdq.config import QuantizeConfig
 from qdq.errors import CalibrationError, DataError
 from qdq.model_io import first_line
+from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges
 from qdq.runtime import session_exposing, session_reducing
 
@@ -27,14 +29,17 @@ Stat = AbsMax | Histogram
 
 
 def collect_ranges(model: onnx.ModelProto, names: list[str], data: Dataset, config: QuantizeConfig | None = None,
-                   *, progress: bool = False) -> TensorRanges:
+                   *, plan: QuantPlan | None = None, progress: bool = False) -> TensorRanges:
     """The amax of each tensor in ``names`` over all of ``data``, by ``config.method``.
 
     A copy of the model exposes the tensors as outputs, at most ``config.max_tensors_per_pass`` at a time (more
     tensors: more passes over the data). Each batch's values are reduced into a fixed-size statistic per tensor
-    and dropped, so memory does not grow with the amount of data.
+    and dropped, so memory does not grow with the amount of data. ``--method auto`` then scores candidates on
+    the consumers of each tensor, as ``plan`` (default: the plan of ``model`` with ``config``) places them.
     """
     config = config or QuantizeConfig()
+    if config.method == "auto":
+        data = Recording(data, AUTO_SAMPLES)
     stats = {name: new_stat(config) for name in names}
     passes = list(chunks(names, config.max_tensors_per_pass or max(len(names), 1)))
     if len(passes) > 1 and not data.rereadable():
@@ -48,8 +53,12 @@ def collect_ranges(model: onnx.ModelProto, names: list[str], data: Dataset, conf
     log.info("calibrated %d tensors (%s) on %d samples in %.1f s%s", len(names), config.method, samples,
              time.perf_counter() - started, f", {len(passes)} passes" if len(passes) > 1 else "")
     histograms = {name: stat for name, stat in stats.items() if isinstance(stat, Histogram)}
-    return TensorRanges(reduce_stats(stats, config, samples), method=config.method, samples=samples,
-                        histograms=histograms)
+    amax = reduce_stats(stats, config, samples)
+    sources = {}
+    if config.method == "auto":
+        plan = plan or plan_quantization(model, config.placement())
+        amax, sources = choose(model, plan, histograms, data.kept, config.max_tensors_per_pass)
+    return TensorRanges(amax, method=config.method, samples=samples, histograms=histograms, sources=sources)
 
 
 def new_stat(config: QuantizeConfig) -> Stat:

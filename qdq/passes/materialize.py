@@ -37,7 +37,7 @@ class MaterializeQDQ:
         nodes = {node.name: node for node in graph.nodes}
         writer = QdqWriter(graph, taken=set(tensors) | set(nodes))
         for name, uses in activations.items():
-            doc = f"activation, per tensor: amax={self.ranges.amax[name]!r} ({self.ranges.method}), scale=amax/127"
+            doc = f"activation, per tensor: amax={self.ranges.amax[name]!r} ({self.ranges.source(name)}), scale=amax/127"
             dq = writer.pair(tensors[name], np.float32(self.ranges.scale(name)), axis=None, doc=doc)
             rewire(nodes, uses, dq)
         for (name, axis), uses in self.plan.weights().items():
