@@ -28,6 +28,7 @@ from qdq.commands import (
 from qdq.config import DEFAULT_METHOD, HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS
 from qdq.errors import QdqError
 from qdq.range_files import FORMATS
+from qdq.scheme import SCHEMES
 
 log = logging.getLogger("qdq")
 
@@ -217,6 +218,8 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                        help="percentile of |x| for --method percentile (default: 99.99)")
     group.add_argument("--num-bins", type=int, default=2048, metavar="N",
                        help="histogram bins for entropy/percentile/mse (default: 2048)")
+    group.add_argument("--scheme", choices=tuple(SCHEMES), default="int8",
+                       help="int8 (default: scale amax/127) or fp8 (E4M3, scale amax/448, opset 19)")
     group.add_argument("--max-tensors-per-pass", type=int, metavar="N",
                        help="observe at most N tensors per pass over the data (bounds memory on big models)")
 

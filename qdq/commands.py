@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
+
+import numpy as np
 
 from qdq.calibrate.data import input_specs, open_data
 from qdq.check import check_model
 from qdq.compare import Comparison, attribute_error, compare_models, load_labels
 from qdq.config import QuantizeConfig
-from qdq.errors import MissingDependencyError, QdqError
+from qdq.errors import MissingDependencyError, ModelError, QdqError, printable
+from qdq.files import RunFiles, regular_file
 from qdq.inspect import inspect_model
-from qdq.model_io import check_writable, load_model
+from qdq.model_io import load_model
 from qdq.quantize import QuantizeResult, calibrate, explain, quantize, sensitivity
 from qdq.range_files import format_for_path, read_ranges, write_ranges
 from qdq.report import write_report
@@ -29,7 +33,7 @@ def make_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
     """The QuantizeConfig of whichever option groups this command has."""
     options = {name: getattr(args, name) for name in ("method", "percentile", "num_bins", "max_tensors_per_pass",
                                                       "batch_size", "exclude_nodes", "exclude_op_types",
-                                                      "include_op_types") if hasattr(args, name)}
+                                                      "include_op_types", "scheme") if hasattr(args, name)}
     if hasattr(args, "per_tensor_weights"):
         options["per_channel"] = not args.per_tensor_weights
     try:
@@ -39,38 +43,44 @@ def make_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    output = check_writable(args.output, not_same_as=args.model)  # fail before the long work
     config = make_config(args, weights=args.weights, high_precision=args.high_precision, target_sqnr=args.target_sqnr,
                          max_top1_drop=args.max_top1_drop)
-    ranges = read_ranges(args.ranges, args.ranges_format) if args.ranges else None
-    labels = load_labels(args.labels) if args.labels else None
     evaluation = args.eval or args.calib
     if args.save_ranges:
-        check_writable(args.save_ranges)
         format_for_path(args.save_ranges)
-    if args.report:
-        check_writable(args.report)
-    result = quantize(args.model, args.calib, config=config, ranges=ranges, evaluation_data=evaluation,
-                      labels=labels, progress=not args.quiet)
-    if args.explain:
-        print(result.plan.explain())
-        for name in result.ranges:
-            print(f"range: {name}  amax={result.ranges.amax[name]:.6g}  chosen by {result.ranges.source(name)}")
-    result.save(output)
-    if args.save_ranges:
-        result.ranges.save(args.save_ranges)
-    if args.report:
-        write_report(args.report, title=f"qdq quantize {args.model.name}", comparison=result.report.comparison,
-                     ranges=result.ranges, notes=result.report.notes)
+    with RunFiles() as files:  # every output checked against every input before the long work; committed together
+        files.reads_model(args.model)
+        files.reads(args.calib, "--calib data")
+        files.reads(args.eval, "--eval data")
+        files.reads(args.labels, "--labels")
+        files.reads(args.ranges, "--ranges")
+        output = files.writes(args.output, "-o")
+        save_ranges = files.writes(args.save_ranges, "--save-ranges") if args.save_ranges else None
+        report = files.writes(args.report, "--report") if args.report else None
+        ranges = read_ranges(args.ranges, args.ranges_format) if args.ranges else None
+        labels = load_labels(args.labels) if args.labels else None
+        result = quantize(args.model, args.calib, config=config, ranges=ranges, evaluation_data=evaluation,
+                          labels=labels, progress=not args.quiet)
+        result.save(output)
+        if save_ranges:
+            write_ranges(result.ranges, save_ranges, format_for_path(args.save_ranges))
+        if report:
+            write_report(report, title=f"qdq quantize {args.model.name}", comparison=result.report.comparison,
+                         ranges=result.ranges, notes=result.report.notes)
+        size = output.stat().st_size
     if args.json:
         comparison = result.report.comparison
-        print(json.dumps({"output": str(output), **result.report.summary(), "notes": list(result.report.notes),
-                          "ranges": dict(result.ranges.amax), "method": result.ranges.method,
-                          "chosen_by": {n: result.ranges.source(n) for n in result.ranges},
-                          "comparison": None if comparison is None else comparison.to_dict(),
-                          "seconds": result.report.seconds}, indent=1))
+        print_json({"output": str(args.output), **result.report.summary(), "notes": list(result.report.notes),
+                    "ranges": dict(result.ranges.amax), "method": result.ranges.method,
+                    "chosen_by": {n: result.ranges.source(n) for n in result.ranges},
+                    "comparison": None if comparison is None else comparison.to_dict(),
+                    "seconds": result.report.seconds} | ({"plan": result.plan.to_dict()} if args.explain else {}))
         return 0
-    print_summary(result, output, evaluation)
+    if args.explain:
+        say(result.plan.explain())
+        for name in result.ranges:
+            say(f"range: {name}  amax={result.ranges.amax[name]:.6g}  chosen by {result.ranges.source(name)}")
+    print_summary(result, args.output, size, evaluation)
     return 0
 
 
@@ -85,12 +95,14 @@ def describe_method(method: str) -> str:
 
 def run_explain(args: argparse.Namespace) -> int:
     plan = explain(args.model, config=make_config(args))
-    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.explain())
-    if not args.json:
+    if args.json:
+        print_json(plan.to_dict())
+    else:
+        say(plan.explain())
         quantized = plan.quantized_nodes()
-        print(f"{len(quantized)} of {len(plan.decisions)} nodes quantized, {len(plan.activation_names())} "
+        say(f"{len(quantized)} of {len(plan.decisions)} nodes quantized, {len(plan.activation_names())} "
               f"activations and {len(plan.weights())} weights with Q/DQ")
-        print(f"activation ranges: {describe_method(args.method)}")
+        say(f"activation ranges: {describe_method(args.method)}")
     return 0
 
 
@@ -99,12 +111,12 @@ def run_build(args: argparse.Namespace) -> int:
 
     shapes = trt.parse_shapes(args.shapes)
     model = load_model(args.model)
-    print(trt.trtexec_command(args.model, args.output, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
+    say(trt.trtexec_command(args.model, args.output, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
                               shapes=shapes))
     result = trt.build_engine(args.model, args.output, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
                               shapes=shapes, quantized_nodes=quantized_node_names(model))
-    print(result.summary.describe())
-    print(f"wrote {result.engine}")
+    say(result.summary.describe())
+    say(f"wrote {result.engine}")
     if args.verify:
         comparison = trt.verify_engine(model, result.engine, args.verify, batch_size=args.batch_size)
         print_comparison(comparison, f"{args.verify} (TensorRT vs ONNX Runtime)")
@@ -118,66 +130,80 @@ def quantized_node_names(model) -> set[str]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    if args.report:
-        check_writable(args.report)
-    float_model, quant_model = load_model(args.float_model), load_model(args.quant_model)
-    specs = input_specs(float_model)
-    labels = load_labels(args.labels) if args.labels else None
-    comparison = compare_models(float_model, quant_model, open_data(args.data, specs, args.batch_size), labels,
-                                progress=not args.quiet)
-    errors = [] if args.per_tensor is None else attribute_error(
-        float_model, quant_model, open_data(args.data, specs, args.batch_size), progress=not args.quiet
-    )[:args.per_tensor]
-    if args.report:
-        write_report(args.report, title=f"qdq compare {args.quant_model.name}", comparison=comparison,
-                     attribution=errors)
+    with RunFiles() as files:
+        files.reads_model(args.float_model)
+        files.reads_model(args.quant_model)
+        files.reads(args.data, "--data")
+        files.reads(args.labels, "--labels")
+        report = files.writes(args.report, "--report") if args.report else None
+        float_model, quant_model = load_model(args.float_model), load_model(args.quant_model)
+        specs = input_specs(float_model)
+        labels = load_labels(args.labels) if args.labels else None
+        comparison = compare_models(float_model, quant_model, open_data(args.data, specs, args.batch_size), labels,
+                                    progress=not args.quiet)
+        errors = [] if args.per_tensor is None else attribute_error(
+            float_model, quant_model, open_data(args.data, specs, args.batch_size), progress=not args.quiet
+        )[:args.per_tensor]
+        if report:
+            write_report(report, title=f"qdq compare {args.quant_model.name}", comparison=comparison,
+                         attribution=errors)
     if args.json:
         doc = comparison.to_dict() | {"tensors": [
             {"tensor": e.tensor, "local": vars(e.local), "total": vars(e.total), "worst_channel": e.worst_channel,
              "worst_channel_db": e.worst_channel_db} for e in errors]}
-        print(json.dumps(doc, indent=1))
+        print_json(doc)
         return 0
     print_comparison(comparison, args.data, full=True)
     if errors:
-        print("quantized tensors adding the most error (SQNR of the Q/DQ output against its input: whole tensor "
-              "and worst channel; and against the float model):")
+        say("quantized tensors adding the most error (SQNR of the Q/DQ output against its input: whole tensor "
+            "and worst channel; and against the float model):")
         for e in errors:
-            print(f"  {e.tensor:<40} added {e.local.sqnr_db:7.2f} dB (channel {e.worst_channel}: "
-                  f"{e.worst_channel_db:7.2f} dB)   accumulated {e.total.sqnr_db:7.2f} dB")
+            say(f"  {e.tensor:<40} added {e.local.sqnr_db:7.2f} dB (channel {e.worst_channel}: "
+                f"{e.worst_channel_db:7.2f} dB)   accumulated {e.total.sqnr_db:7.2f} dB")
     return 0
 
 
 def run_sensitivity(args: argparse.Namespace) -> int:
     if not args.calib:
         raise UsageError("sensitivity needs --calib DATA (and optionally --eval DATA)")
-    if args.report:
-        check_writable(args.report)
-    report = sensitivity(args.model, args.calib, args.eval or args.calib, config=make_config(args),
-                         progress=not args.quiet)
-    if args.report:
-        write_report(args.report, title=f"qdq sensitivity {args.model.name}", sensitivity=report)
-    print(json.dumps(report.to_dict(), indent=1) if args.json else report.describe())
+    with RunFiles() as files:
+        files.reads_model(args.model)
+        files.reads(args.calib, "--calib data")
+        files.reads(args.eval, "--eval data")
+        report_path = files.writes(args.report, "--report") if args.report else None
+        report = sensitivity(args.model, args.calib, args.eval or args.calib, config=make_config(args),
+                             progress=not args.quiet)
+        if report_path:
+            write_report(report_path, title=f"qdq sensitivity {args.model.name}", sensitivity=report)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        say(report.describe())
     return 0
 
 
 def run_view(args: argparse.Namespace) -> int:
+    regular_file(args.model, "model", error=ModelError)
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: a TCP port is between 1 and 65535")
     try:
         import netron
     except ImportError as exc:
         raise MissingDependencyError("Netron is not installed: pip install 'qdq[view]' (or open the file at "
                                      "netron.app)") from exc
-    if not args.model.is_file():
-        raise UsageError(f"{args.model}: no such file")
     address = netron.start(str(args.model), address=("localhost", args.port), browse=not args.no_browser)
     host, port = address if isinstance(address, tuple) else ("localhost", args.port)
-    print(f"serving {args.model} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    print(printable(f"serving {args.model} at http://{host}:{port} (Ctrl-C to stop)"), flush=True)
     netron.wait()
     return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     found = inspect_model(load_model(args.model))
-    print(json.dumps(found.to_dict(), indent=1) if args.json else found.describe())
+    if args.json:
+        print_json(found.to_dict())
+    else:
+        say(found.describe())
     return 0
 
 
@@ -185,48 +211,75 @@ def run_check(args: argparse.Namespace) -> int:
     findings = check_model(load_model(args.model))
     errors = sum(f.severity == "error" for f in findings)
     if args.json:
-        print(json.dumps([dataclasses.asdict(f) for f in findings], indent=1))
+        print_json([dataclasses.asdict(f) for f in findings])
     else:
         for finding in findings:
-            print(finding)
-        print(f"{args.model}: {errors} errors, {len(findings) - errors} warnings")
+            say(str(finding))
+        say(f"{args.model}: {errors} errors, {len(findings) - errors} warnings")
     return 1 if errors else 0
 
 
 def run_ranges(args: argparse.Namespace) -> int:
     fmt = args.format or format_for_path(args.output)
-    if args.source is not None:
-        if args.model is not None or args.calib:
-            raise UsageError("give either --from FILE (convert) or MODEL --calib DATA (calibrate), not both")
-        ranges = read_ranges(args.source, args.from_format)
-    else:
-        if args.model is None or not args.calib:
-            raise UsageError("give MODEL and --calib DATA to calibrate, or --from FILE to convert")
-        check_writable(args.output, not_same_as=args.model)
-        ranges = calibrate(args.model, args.calib, config=make_config(args), progress=not args.quiet)
-    write_ranges(ranges, args.output, fmt)
-    print(f"wrote {len(ranges)} ranges to {args.output} ({fmt})")
+    if args.source is not None and (args.model is not None or args.calib):
+        raise UsageError("give either --from FILE (convert) or MODEL --calib DATA (calibrate), not both")
+    if args.source is None and (args.model is None or not args.calib):
+        raise UsageError("give MODEL and --calib DATA to calibrate, or --from FILE to convert")
+    with RunFiles() as files:
+        if args.source is not None:
+            files.reads(args.source, "--from")
+        else:
+            files.reads_model(args.model)
+            files.reads(args.calib, "--calib data")
+        output = files.writes(args.output, "-o")
+        if args.source is not None:
+            ranges = read_ranges(args.source, args.from_format)
+        else:
+            ranges = calibrate(args.model, args.calib, config=make_config(args), progress=not args.quiet)
+        write_ranges(ranges, output, fmt)
+    say(f"wrote {len(ranges)} ranges to {args.output} ({fmt})")
     return 0
 
 
-def print_summary(result: QuantizeResult, output: Path, evaluation: str | None) -> None:
+def print_summary(result: QuantizeResult, output: Path, size: int, evaluation: str | None) -> None:
     report = result.report
-    print(f"quantized {report.quantized_nodes} of {report.total_nodes} nodes: {report.activations} activations "
-          f"(per tensor, {result.ranges.method} on {result.ranges.samples} samples), {report.weights} weights")
+    say(f"quantized {report.quantized_nodes} of {report.total_nodes} nodes: {report.activations} activations "
+        f"(per tensor, {result.ranges.method} on {result.ranges.samples} samples), {report.weights} weights")
     if report.comparison is not None:
         print_comparison(report.comparison, evaluation)
-    size = output.stat().st_size
-    print(f"wrote {output} ({size / 1e6:.2f} MB) in {report.seconds:.1f} s")
+    say(f"wrote {output} ({size / 1e6:.2f} MB) in {report.seconds:.1f} s")
 
 
 def print_comparison(comparison: Comparison, source: str | None, *, full: bool = False) -> None:
-    print(f"int8 vs float on {comparison.samples} samples of {source}:")
+    say(f"int8 vs float on {comparison.samples} samples of {source}:")
     width = max(len("output"), *(len(o.name) for o in comparison.outputs))
     extra = f"  {'cosine':>9}  {'mean abs err':>12}" if full else ""
-    print(f"  {'output':<{width}}  {'SQNR dB':>8}  {'max abs err':>11}  {'top-1 agree':>11}{extra}")
+    say(f"  {'output':<{width}}  {'SQNR dB':>8}  {'max abs err':>11}  {'top-1 agree':>11}{extra}")
     for o in comparison.outputs:
         agree = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%"
         more = f"  {o.cosine:>9.6f}  {o.mean_abs_error:>12.4g}" if full else ""
-        print(f"  {o.name:<{width}}  {o.sqnr_db:>8.2f}  {o.max_abs_error:>11.4g}  {agree:>11}{more}")
+        say(f"  {o.name:<{width}}  {o.sqnr_db:>8.2f}  {o.max_abs_error:>11.4g}  {agree:>11}{more}")
     if comparison.float_accuracy is not None and comparison.quant_accuracy is not None:
-        print(f"accuracy: float {100 * comparison.float_accuracy:.2f}%  int8 {100 * comparison.quant_accuracy:.2f}%")
+        say(f"accuracy: float {100 * comparison.float_accuracy:.2f}%  int8 {100 * comparison.quant_accuracy:.2f}%")
+
+
+def say(text: str) -> None:
+    """Print for people: control characters (from model or file names) escaped, overlong names shortened."""
+    print(printable(text))
+
+
+def print_json(doc: object) -> None:
+    """Print strict JSON: NaN and infinities (an SQNR of a perfect match, say) become null."""
+    print(json.dumps(finite_only(doc), indent=1, allow_nan=False))
+
+
+def finite_only(value: object) -> object:
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): finite_only(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_only(v) for v in value]
+    return value

@@ -8,13 +8,16 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from qdq.calibrate.options import CalibrationOptions
+from qdq.calibrate.registry import DEFAULT_METHOD
+from qdq.calibrate.registry import METHODS as METHOD_REGISTRY
 from qdq.placement.planner import PlacementOptions
+from qdq.scheme import SCHEMES, Scheme
 
 WeightFormat = Literal["int8", "float"]
 WEIGHT_FORMATS: tuple[str, ...] = ("int8", "float")
 HIGH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
-METHODS: tuple[str, ...] = ("auto", "entropy", "entropy-guarded", "max", "percentile", "mse")
-DEFAULT_METHOD = "entropy-guarded"
+METHODS: tuple[str, ...] = tuple(METHOD_REGISTRY)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +51,12 @@ class QuantizeConfig:
             reductions and exp/log/pow, and raises the opset to 19 for FP16 Q/DQ scales.
         target_sqnr: leave the most sensitive layers float until the first output's SQNR against the float
             model reaches this many dB on the evaluation data (which it then needs).
+        scheme: ``int8`` (default; ``scale = amax / 127``, int8 zero point) or ``fp8`` (E4M3, ``scale = amax /
+            448``, FLOAT8E4M3FN zero point, opset 19; TensorRT on Hopper and later).
+        workers: calibrate with this many local processes, each observing a shard of the data with its own ONNX
+            Runtime session; the ranges are bit-identical to one process's.
+        ray_address: calibrate the shards as Ray tasks (``""`` starts a local Ray, else a cluster address);
+            needs ``pip install "qdq[ray]"``.
         max_top1_drop: likewise, until the first output's top-1 agreement with the float model is at least
             100 - this percent (a classifier's ``[batch, classes]`` output).
     """
@@ -65,6 +74,9 @@ class QuantizeConfig:
     high_precision: str = "fp32"
     target_sqnr: float | None = None
     max_top1_drop: float | None = None
+    scheme: str = "int8"
+    workers: int = 1
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("exclude_nodes", "exclude_op_types", "include_op_types"):
@@ -77,23 +89,25 @@ class QuantizeConfig:
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"exclude_nodes: {pattern!r} is not a regular expression ({exc})") from None
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
-            raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
-        if not isinstance(self.num_bins, int) or self.num_bins < 256 or self.num_bins % 2:
-            raise ValueError(f"num_bins must be an even integer >= 256, got {self.num_bins!r}")
-        if self.max_tensors_per_pass is not None and (
-                not isinstance(self.max_tensors_per_pass, int) or self.max_tensors_per_pass < 1):
-            raise ValueError(f"max_tensors_per_pass must be a positive integer, got {self.max_tensors_per_pass!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.max_top1_drop is not None and not 0 <= self.max_top1_drop < 100:
             raise ValueError(f"max_top1_drop must be a percentage in [0, 100), got {self.max_top1_drop!r}")
         if self.high_precision not in HIGH_PRECISIONS:
             raise ValueError(f"high_precision must be one of {', '.join(HIGH_PRECISIONS)}, got {self.high_precision!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        self.calibration()  # validates the calibration options
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+
+    def calibration(self) -> CalibrationOptions:
+        return CalibrationOptions(method=self.method, percentile=self.percentile, num_bins=self.num_bins,
+                                  max_tensors_per_pass=self.max_tensors_per_pass, scheme=self.quant_scheme(),
+                                  workers=self.workers, ray_address=self.ray_address)
+
+    def quant_scheme(self) -> Scheme:
+        return SCHEMES[self.scheme]
 
     def placement(self) -> PlacementOptions:
         return PlacementOptions(per_channel=self.per_channel, exclude_nodes=self.exclude_nodes,

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx.external_data_helper import load_external_data_for_model
 
-from qdq.errors import ModelError, OutputError
+from qdq.errors import ModelError, OutputError, shown
+from qdq.files import Identity, RunFiles, prepare_output
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +63,40 @@ def load_external_weights(model: onnx.ModelProto, path: Path) -> None:
     folder = path.resolve().parent
     for tensor in external_tensors(model):
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        name = shown(tensor.name)
+        if "\0" in location:
+            raise ModelError(f"{path}: tensor {name} has an external data location with a NUL character; "
+                             "the model is damaged")
         target = (folder / location).resolve()
         if not location or Path(location).is_absolute() or ".." in Path(location).parts or not target.is_relative_to(
                 folder):
-            raise ModelError(f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the "
+            raise ModelError(f"{path}: tensor {name} points its external data at {shown(location)}, outside the "
                              "model's folder; refusing to read it (move the data file next to the model)")
         if not target.is_file():
-            raise ModelError(f"{path}: tensor {tensor.name!r} needs the external data file {location!r}, which is "
+            raise ModelError(f"{path}: tensor {name} needs the external data file {shown(location)}, which is "
                              f"not in {folder}")
+        if os.path.samefile(target, path):
+            raise ModelError(f"{path}: tensor {name} names the model file itself as its external data; the model "
+                             "is damaged")
     try:
         load_external_data_for_model(model, str(folder))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"{path}: its external data cannot be read ({first_line(exc)})") from exc
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The files inside the model's folder that its tensors name as external data (read without the weights)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - load_model reports an unreadable model properly
+        return []
+    folder = path.resolve().parent
+    files = set()
+    for tensor in external_tensors(model):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location and "\0" not in location and (folder / location).is_file():
+            files.add(folder / location)
+    return sorted(files)
 
 
 def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -98,18 +117,10 @@ def check_in_memory(model: onnx.ModelProto, *, full: bool) -> None:
 
 def check_writable(path: str | os.PathLike[str], *, not_same_as: str | os.PathLike[str] | None = None) -> Path:
     """Fail early, before any long work, when ``path`` cannot be written as an output file."""
-    out = Path(path)
-    if out.is_dir():
-        raise OutputError(f"{out}: is a directory; give a file name such as {out / 'model.qdq.onnx'}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{out}: the directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{out}: no permission to write in {parent}")
-    if not_same_as is not None and Path(not_same_as).exists() and out.exists():
-        if os.path.samefile(out, not_same_as):
-            raise OutputError(f"{out}: the output would overwrite the input model; choose another path")
-    return out
+    output = prepare_output(Path(path), "output")
+    if not_same_as is not None and Identity.of(output.target).same(Identity.of(Path(not_same_as))):
+        raise OutputError(f"{path}: the output would overwrite the input {not_same_as}; choose another path")
+    return Path(path)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, check: bool = True) -> Path:
@@ -118,47 +129,36 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, check: b
     Models of 1.8 GB or more store their weights in ``<name>.data`` beside the model. Whatever was at
     ``path`` before survives intact when anything fails.
     """
-    out = check_writable(path)
     external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
-    try:
-        with staged(out) as staged_path:
+    with RunFiles() as files:
+        staged_path = files.writes(path, "the model")
+        try:
             if external:
                 onnx.save_model(model, str(staged_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                                location=f"{out.name}.data", size_threshold=1024)
+                                location=f"{staged_path.name}.data", size_threshold=1024)
                 # Saving moved the weights out of the caller's proto: read them back so it stays whole.
                 load_external_data_for_model(model, str(staged_path.parent))
             else:
                 staged_path.write_bytes(model.SerializeToString(deterministic=True))
             if check:
                 onnx.checker.check_model(str(staged_path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise OutputError(f"{out}: the quantized model fails the ONNX checker, not written: {first_line(exc)}") from exc
-    return out
+        except onnx.checker.ValidationError as exc:
+            raise OutputError(f"{path}: the quantized model fails the ONNX checker, not written: "
+                              f"{first_line(exc)}") from exc
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    return Path(path)
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a staged file and a rename: never a half-written file."""
-    out = check_writable(path)
-    with staged(out) as staged_path:
-        staged_path.write_bytes(data)
-    return out
-
-
-@contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """Yield a path in a private folder beside ``out``; on success move what was written there into place.
-
-    Files other than ``out``'s own name (external data) are moved first, the model last.
-    """
-    workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield workdir / out.name
-        for produced in sorted(workdir.iterdir(), key=lambda p: p.name == out.name):
-            os.replace(produced, out.parent / produced.name)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with RunFiles() as files:
+        staged_path = files.writes(path, "output")
+        try:
+            staged_path.write_bytes(data)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    return Path(path)
 
 
 def first_line(exc: BaseException) -> str:

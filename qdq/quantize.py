@@ -36,6 +36,7 @@ from qdq.passes.shapes import InferShapes
 from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges, inherit_through_copies
 from qdq.runtime import Session, make_session, quantized_session
+from qdq.scheme import INT8, Scheme
 from qdq.sensitivity import Evaluator, Goal, SensitivityReport, fall_back, layer_sensitivity
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,14 @@ class QuantizeResult:
         return save_model(self.model, path)
 
 
-def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """Opset ≥ 13, constants folded, Identity/Dropout removed, BatchNorm folded, shapes inferred, nodes named.
+def prepare(model: onnx.ModelProto, scheme: Scheme = INT8) -> tuple[onnx.ModelProto, list[str]]:
+    """Opset ≥ the scheme's (13 for INT8), constants folded, Identity/Dropout removed, BatchNorm folded, shapes
+    inferred, nodes named.
 
     This is the graph placement sees and the output is built from.
     """
-    return run_passes(model, [UpgradeOpset(), FoldConstants(), RemoveIdentities(), FoldBatchNorm(), InferShapes(),
-                              NameNodes()])
+    return run_passes(model, [UpgradeOpset(scheme.min_opset), FoldConstants(), RemoveIdentities(), FoldBatchNorm(),
+                              InferShapes(), NameNodes()])
 
 
 def quantize(
@@ -109,7 +111,8 @@ def quantize(
     config = config or QuantizeConfig()
     started = time.perf_counter()
     source = load_model(model)
-    prepared, notes = prepare(source)
+    scheme = config.quant_scheme()
+    prepared, notes = prepare(source, scheme)
     specs = input_specs(prepared)
     calibration = None if calibration_data is None else open_data(calibration_data, specs, config.batch_size)
     evaluation = None if evaluation_data is None else open_data(evaluation_data, specs, config.batch_size)
@@ -130,7 +133,7 @@ def quantize(
     else:
         float_session = None
 
-    quantized = MaterializeQDQ(plan, used, weights=config.weights).run(prepared).model
+    quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme).run(prepared).model
     if config.high_precision == "fp16":
         quantized, fp16_notes = run_passes(quantized, [CastToFP16()])
         notes.extend(fp16_notes)
@@ -153,7 +156,7 @@ def calibrate(
 ) -> TensorRanges:
     """The ranges ``quantize`` would use for ``model`` on this data, without inserting Q/DQ (for range files)."""
     config = config or QuantizeConfig()
-    prepared, notes = prepare(load_model(model))
+    prepared, notes = prepare(load_model(model), config.quant_scheme())
     calibration = open_data(calibration_data, input_specs(prepared), config.batch_size)
     plan = plan_quantization(prepared, config.placement())
     return plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
@@ -170,7 +173,7 @@ def meet_target(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, e
     if evaluation is None:
         raise DataError(f"a target ({goal}) needs evaluation data to measure it on (--eval, or evaluation_data)")
     float_session = make_session(model, what="the float model")
-    evaluator = Evaluator(model, ranges, evaluation, float_session, config.weights)
+    evaluator = Evaluator(model, ranges, evaluation, float_session, config.weights, config.quant_scheme())
     result = fall_back(plan, evaluator, goal, progress=progress)
     if result.left_float:
         notes.append(f"to reach {goal}, {len(result.left_float)} layers stay float "
@@ -193,21 +196,21 @@ def sensitivity(
 ) -> SensitivityReport:
     """Rank the layers ``quantize`` would quantize by the output SQNR they cost (one at a time, and all but one)."""
     config = config or QuantizeConfig()
-    prepared, notes = prepare(load_model(model))
+    prepared, notes = prepare(load_model(model), config.quant_scheme())
     specs = input_specs(prepared)
     calibration = open_data(calibration_data, specs, config.batch_size)
     evaluation = open_data(evaluation_data, specs, config.batch_size)
     plan = plan_quantization(prepared, config.placement())
     ranges = plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
     evaluator = Evaluator(prepared, ranges, evaluation, make_session(prepared, what="the float model"),
-                          config.weights)
+                          config.weights, config.quant_scheme())
     return layer_sensitivity(plan, evaluator, progress=progress)
 
 
 def explain(model: str | os.PathLike[str] | onnx.ModelProto, *, config: QuantizeConfig | None = None) -> QuantPlan:
     """The placement plan ``quantize`` would follow for ``model``: every node's decision, rule and reason."""
     config = config or QuantizeConfig()
-    prepared, _ = prepare(load_model(model))
+    prepared, _ = prepare(load_model(model), config.quant_scheme())
     return plan_quantization(prepared, config.placement())
 
 
@@ -226,7 +229,8 @@ def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | 
         if calibration is None:
             raise CalibrationError(f"{len(missing)} tensors to quantize have no range: "
                                    f"{describe_missing(missing, known)}; pass calibration data to calibrate them")
-        known = known.merged(collect_ranges(model, missing, calibration, config, plan=plan, progress=progress))
+        known = known.merged(collect_ranges(model, missing, calibration, config.calibration(), plan=plan,
+                                            progress=progress))
     return known.subset(needed).shared(plan.shared_scales)
 
 

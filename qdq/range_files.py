@@ -7,7 +7,9 @@
   means "no usable range": such lines are skipped with a warning.
 - json: ``{"format": "qdq-ranges", "version": 1, "method": ..., "samples": N, "tensors": {name: {"amax": x}}}``.
 
-Reading a file and writing it back in the same format gives the same scales bit for bit.
+Reading a file and writing it back in the same format gives the same scales bit for bit. Text and JSON keep the
+amax, whatever scheme applies it; a cache stores INT8 scales (TensorRT's calibrators are INT8 only), so
+``CACHE_SCHEME`` turns them into amax and back, and an FP8 model built from a cache uses ``amax / 448``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from qdq.errors import DataError
 from qdq.model_io import write_atomic
 from qdq.ranges import TensorRanges
-from qdq.scheme import QMAX
+from qdq.scheme import INT8
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ SUFFIXES = {".txt": "text", ".cache": "cache", ".calib": "cache", ".json": "json
 JSON_FORMAT, JSON_VERSION = "qdq-ranges", 1
 CACHE_HEADER = re.compile(r"^TRT-\d+-\w+$")
 DEFAULT_CACHE_HEADER = "TRT-100000-EntropyCalibration2"
+CACHE_SCHEME = INT8
 
 
 def detect_format(text: str) -> str:
@@ -139,7 +142,7 @@ def parse_cache(text: str, where: str) -> TensorRanges:
                     ", ".join(unusable[:5]) + (" ..." if len(unusable) > 5 else ""))
     scales = {name: v for name, (v, _) in table.items()}
     # amax = scale * 127 is exact in float64 (24 + 7 mantissa bits), so float32(amax / 127) == scale.
-    return TensorRanges({n: s * QMAX for n, s in scales.items()}, method=header.split("-", 2)[2],
+    return TensorRanges({n: s * CACHE_SCHEME.qmax for n, s in scales.items()}, method=header.split("-", 2)[2],
                         scales=scales, header=header)
 
 
@@ -166,7 +169,7 @@ def render_text(ranges: TensorRanges) -> str:
 def render_cache(ranges: TensorRanges) -> str:
     lines = [ranges.header or DEFAULT_CACHE_HEADER]
     for name in ranges:
-        bits = struct.unpack(">I", struct.pack(">f", ranges.scale(name)))[0]
+        bits = struct.unpack(">I", struct.pack(">f", ranges.scale(name, CACHE_SCHEME)))[0]
         lines.append(f"{name}: {bits:x}")
     return "\n".join(lines) + "\n"
 

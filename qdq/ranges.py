@@ -1,29 +1,35 @@
-"""Per-tensor ranges: the amax of each activation, and exact scales where a file fixed them."""
+"""Per-tensor ranges: the amax of each activation, and exact scales where a file fixed them.
+
+A pure value: reading and writing files is ``qdq.range_files``'s job (``read_ranges``, ``write_ranges``).
+"""
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import onnx
 
-from qdq.calibrate.histogram import Histogram
 from qdq.graph import GraphIndex
 from qdq.ops import RESHAPE_OPS
-from qdq.scheme import symmetric_scale
+from qdq.scheme import INT8, Scheme
+
+if TYPE_CHECKING:
+    from qdq.calibrate.histogram import Histogram
 
 
 @dataclass(frozen=True)
 class TensorRanges:
     """``amax`` per tensor name, how they were obtained, and exact scales where a file gave them.
 
-    ``scales`` holds float32 scales that must be used bit for bit (a TensorRT calibration cache stores the
-    scale, not the amax); for other tensors the scale is ``float32(amax / 127)``. ``header`` keeps a cache's
-    first line so that writing it back reproduces the file. ``histograms`` are the calibration statistics of the
-    histogram methods (for reports; O(bins) each). ``sources`` says, per tensor, what chose its amax where that
-    is not ``method`` itself (``auto: mse``: auto picked MSE's threshold; ``shared with t``: a Concat group's).
+    ``scales`` holds INT8 float32 scales that must be used bit for bit (a TensorRT calibration cache stores the
+    INT8 scale, not the amax); otherwise, and for every other scheme, the scale is the scheme's of the amax.
+    ``header`` keeps a cache's first line so that writing it back reproduces the file. ``histograms`` are the
+    calibration statistics of the histogram methods (for reports; O(bins) each). ``sources`` says, per tensor, what
+    chose its amax where that is not ``method`` itself (``auto: mse``: auto picked MSE's threshold; ``shared with
+    t``: a Concat group's).
     """
 
     amax: Mapping[str, float]
@@ -51,11 +57,11 @@ class TensorRanges:
     def names(self) -> set[str]:
         return set(self.amax)
 
-    def scale(self, name: str) -> float:
-        """The float32 scale of a tensor: the file's exact scale, or ``float32(amax / 127)``."""
-        if name in self.scales:
+    def scale(self, name: str, scheme: Scheme = INT8) -> float:
+        """The scale of a tensor: for INT8 the file's exact scale where it has one, else ``scheme.scale(amax)``."""
+        if scheme == INT8 and name in self.scales:
             return self.scales[name]
-        return float(symmetric_scale(self.amax[name]))
+        return float(scheme.scale(self.amax[name]))
 
     def source(self, name: str) -> str:
         """What chose this tensor's amax: the method, or more precisely where ``sources`` says."""
@@ -95,17 +101,6 @@ class TensorRanges:
                     scales.pop(name, None)
         return TensorRanges(amax, method=self.method, samples=self.samples, scales=scales, header=self.header,
                             histograms=self.histograms, sources=sources)
-
-    def save(self, path: str | os.PathLike[str], fmt: str | None = None) -> None:
-        from qdq.range_files import write_ranges
-
-        write_ranges(self, path, fmt)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], fmt: str | None = None) -> TensorRanges:
-        from qdq.range_files import read_ranges
-
-        return read_ranges(path, fmt)
 
 
 def inherit_through_copies(model: onnx.ModelProto, names: list[str], ranges: TensorRanges

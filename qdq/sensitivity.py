@@ -19,6 +19,7 @@ from qdq.passes.materialize import MaterializeQDQ
 from qdq.placement.plan import Decision, QuantPlan
 from qdq.ranges import TensorRanges
 from qdq.runtime import Session
+from qdq.scheme import INT8, Scheme
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,17 @@ class Evaluator:
     """Materialises a plan variant and measures the first output's SQNR against the float model."""
 
     def __init__(self, model: onnx.ModelProto, ranges: TensorRanges, data: Dataset, float_session: Session,
-                 weights: str) -> None:
+                 weights: str, scheme: Scheme = INT8) -> None:
         self.model, self.ranges, self.data, self.float_session, self.weights = (
             model, ranges, data, float_session, weights)
+        self.scheme = scheme
 
     def __call__(self, plan: QuantPlan) -> float:
         return self.metrics(plan).sqnr_db
 
     def metrics(self, plan: QuantPlan) -> OutputMetrics:
         ranges = self.ranges.subset(plan.activation_names())
-        quantized = MaterializeQDQ(plan, ranges, weights=self.weights).run(self.model).model
+        quantized = MaterializeQDQ(plan, ranges, weights=self.weights, scheme=self.scheme).run(self.model).model
         return compare_models(self.float_session, quantized, self.data).outputs[0]
 
 

@@ -171,7 +171,7 @@ def test_several_passes_need_rereadable_data(rng):
     images = np.load(DIGITS / "calib.npz")["image"]
     one_shot = open_data(({"image": images[i:i + 8]} for i in range(0, 64, 8)), input_specs(model))
     with pytest.raises(DataError, match="more than once"):
-        collect_ranges(model, names, one_shot, QuantizeConfig(max_tensors_per_pass=3))
+        collect_ranges(model, names, one_shot, QuantizeConfig(max_tensors_per_pass=3).calibration())
 
 
 def test_calibration_does_not_touch_the_callers_arrays(rng):
@@ -262,7 +262,8 @@ def test_rebinned_grid_equals_a_direct_histogram_where_edges_align(rng):
     assert h.over_max().sum() == len(x)
 
 
-AUTO_LAYER = """<ir_version: 8, opset_import: ["" : 13]> g (float[N, 32] x) => (float[N, 16] y) <float[32, 16] w = {0.0}> {
+AUTO_LAYER = """<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 32] x) => (float[N, 16] y) <float[32, 16] w = {0.0}> {
   r = Relu (x)
   y = MatMul (r, w)
 }"""

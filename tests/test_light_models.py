@@ -8,7 +8,7 @@ import pytest
 from conftest import light_model, nodes_by_op, oracle, producers, run_ort, sqnr_db
 
 import qdq
-from qdq.scheme import QMAX
+from qdq.scheme import INT8
 
 # Every topology the ONNX wheel ships. VGG-19, AlexNet and ZFNet carry 60-140 M random weights: a few seconds each.
 MODELS = ["resnet50", "squeezenet", "inception_v1", "inception_v2", "shufflenet", "densenet121", "vgg19",
@@ -84,8 +84,8 @@ def test_scales_match_ort_amax_and_output_is_close(name, quantized):
         scale = onnx.numpy_helper.to_array(next(i for i in out.graph.initializer if i.name == q.input[1]))
         # qdq calibrates with ORT's fusions (Conv+BatchNorm+Relu), the oracle runs the plain graph: the two
         # differ by float rounding only.
-        expected = widest[q.input[0]] / QMAX
-        assert scale == pytest.approx(expected, rel=1e-5), f"{q.name}: scale {scale} for amax {expected * QMAX}"
+        expected = widest[q.input[0]] / INT8.qmax
+        assert scale == pytest.approx(expected, rel=1e-5), f"{q.name}: scale {scale} for amax {expected * INT8.qmax}"
     # The last weighted layer's output, before Softmax saturates: random weights make logits in the thousands.
     last = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")][-1].output[0]
     test = {model.graph.input[0].name: np.random.default_rng(99).normal(0, 1, (1, 3, 224, 224)).astype(np.float32)}

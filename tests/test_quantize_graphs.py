@@ -9,7 +9,7 @@ from conftest import initializer, nodes_by_op, parse, producers, run_ort, sqnr_d
 
 import qdq
 from qdq.config import QuantizeConfig
-from qdq.scheme import QMAX
+from qdq.scheme import INT8
 
 HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
 
@@ -110,7 +110,7 @@ def test_activation_scales_are_amax_over_127_from_ort(case, rng):
         values = data[tensor] if tensor in data else np.concatenate(
             [run_ort(model, {k: v[i:i + 3] for k, v in data.items()}, [tensor])[0] for i in range(0, 12, 3)])
         amax = np.abs(values).max()
-        expected = np.float32(np.float64(amax) / QMAX)
+        expected = np.float32(np.float64(amax) / INT8.qmax)
         scale = initializer(out, q.input[1])
         assert scale.dtype == np.float32 and scale.shape == ()
         # qdq calibrates with ORT's fusions on (Conv+Relu), the oracle runs the plain graph: float rounding apart.
@@ -140,7 +140,7 @@ def test_two_activation_matmul_quantizes_both_operands_per_tensor(rng):
     matmul, = nodes_by_op(out, "MatMul")
     for index, name in enumerate(("q", "k")):
         dq = dq_input(out, matmul, index)
-        assert initializer(out, dq.input[1]) == np.float32(np.abs(data[name]).max() / QMAX)
+        assert initializer(out, dq.input[1]) == np.float32(np.abs(data[name]).max() / INT8.qmax)
 
 
 def test_residual_tensor_shared_by_two_consumers_gets_one_pair(rng):
@@ -181,7 +181,7 @@ def test_per_channel_weight_scales_are_channel_amax_over_127(rng):
     conv, = nodes_by_op(out, "Conv")
     weight_dq = dq_input(out, conv, 1)
     w = initializer(model, "w")
-    expected = (np.abs(w).max(axis=(1, 2, 3)).astype(np.float64) / QMAX).astype(np.float32)
+    expected = (np.abs(w).max(axis=(1, 2, 3)).astype(np.float64) / INT8.qmax).astype(np.float32)
     np.testing.assert_array_equal(initializer(out, weight_dq.input[1]), expected)
     np.testing.assert_array_equal(initializer(out, weight_dq.input[2]), np.zeros(8, np.int8))
     q = initializer(out, weight_dq.input[0])

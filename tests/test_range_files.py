@@ -13,7 +13,7 @@ import qdq
 from qdq.cli import main
 from qdq.errors import CalibrationError, DataError
 from qdq.range_files import detect_format, parse_ranges, read_ranges, render_cache, write_ranges
-from qdq.scheme import QMAX
+from qdq.scheme import INT8
 
 SHARED = ROOT.parent / "shared" / "data"
 TRT_TEXT = SHARED / "trt-sample-resnet50-dynamic-range.txt"
@@ -45,7 +45,7 @@ def test_trt_sample_ranges_quantize_resnet50_without_data(caplog):
     assert len(scales) == len(result.plan.activation_names()) > 50  # Conv/Gemm inputs, residual skips, pools
     for tensor, scale in scales.items():
         source = "gpu_0/pool5_1" if tensor == "gpu_0/pool5_reshape_1" else tensor  # a Reshape copies its input
-        expected = np.float32(float(text[source]) / QMAX)
+        expected = np.float32(float(text[source]) / INT8.qmax)
         assert scale.tobytes() == expected.tobytes(), f"{tensor}: {scale!r} != {expected!r}"
     assert "2 names in the range file are not tensors of this model" in caplog.text
     assert "(Unnamed Layer* 174) [Shuffle]_output" in caplog.text and "(Unnamed Layer* 175)" in caplog.text
@@ -135,9 +135,9 @@ def test_partial_ranges_calibrate_only_the_missing_tensors():
     given = qdq.TensorRanges({names[0]: 123.0}, method="text")
     result = qdq.quantize(DIGITS / "digits.onnx", DIGITS / "calib.npz", ranges=given)
     scales = q_scales(result.model)
-    assert scales[names[0]] == np.float32(123.0 / QMAX)
+    assert scales[names[0]] == np.float32(123.0 / INT8.qmax)
     for name in names[1:]:
-        assert scales[name] == np.float32(full.amax[name] / QMAX), name
+        assert scales[name] == np.float32(full.amax[name] / INT8.qmax), name
 
 
 def test_missing_ranges_without_data_list_names_and_suggest_near_ones():

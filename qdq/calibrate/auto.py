@@ -38,7 +38,7 @@ from qdq.model_io import first_line
 from qdq.ops import WEIGHTED_OPS
 from qdq.placement import QuantPlan
 from qdq.runtime import Session, make_session, session_exposing
-from qdq.scheme import quantize_int8, symmetric_scale, weight_amax
+from qdq.scheme import INT8, Scheme, weight_amax
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +53,22 @@ class Candidate:
     method: str
 
 
-def candidates(hist: Histogram) -> list[Candidate]:
-    """The thresholds auto chooses among, largest first; one per distinct float32 scale (the first name kept)."""
+def candidates(hist: Histogram, scheme: Scheme = INT8) -> list[Candidate]:
+    """The thresholds auto chooses among, largest first; one per distinct scale (the first name kept)."""
     found = [Candidate(hist.amax, "max"), Candidate(amax_entropy(hist), "entropy"),
-             Candidate(amax_entropy_guarded(hist), "entropy-guarded"), Candidate(amax_mse(hist), "mse")]
+             Candidate(amax_entropy_guarded(hist), "entropy-guarded"), Candidate(amax_mse(hist, scheme=scheme), "mse")]
     found += [Candidate(amax_percentile(hist, p), f"percentile {p:g}") for p in PERCENTILES]
     found += [Candidate(f * hist.amax, f"{f:g} x max") for f in GRID]
     unique: dict[float, Candidate] = {}
     for c in found:
-        unique.setdefault(float(symmetric_scale(c.amax)), Candidate(float(np.float32(c.amax)), c.method))
+        unique.setdefault(float(scheme.scale(c.amax)), Candidate(float(np.float32(c.amax)), c.method))
     return sorted(unique.values(), key=lambda c: -c.amax)
 
 
-def fake_quantize(x: np.ndarray, amax: float) -> np.ndarray:
+def fake_quantize(x: np.ndarray, amax: float, scheme: Scheme = INT8) -> np.ndarray:
     """What QuantizeLinear then DequantizeLinear compute, per tensor."""
-    scale = symmetric_scale(amax)
-    return quantize_int8(x, scale, None).astype(np.float32) * scale
+    scale = scheme.scale(amax)
+    return scheme.quantize(x, scale, None).astype(np.float32) * scale
 
 
 class Recording:
@@ -94,16 +94,27 @@ class Recording:
         self.kept = kept
 
 
+def first_samples(data: Dataset, limit: int) -> list[Batch]:
+    """The first batches of ``data`` holding ``limit`` samples (at least one batch); reads the data again."""
+    kept, samples = [], 0
+    for batch in data:
+        if samples >= limit:
+            break
+        kept.append(batch)
+        samples += batch.samples
+    return kept
+
+
 class LayerProbe:
     """One consuming node alone: a float session and one with its planned weights quantized (optimisations off)."""
 
     def __init__(self, model: onnx.ModelProto, node: onnx.NodeProto, quantized_weights: dict[str, int | None],
-                 initializers: dict[str, onnx.TensorProto]) -> None:
+                 initializers: dict[str, onnx.TensorProto], scheme: Scheme) -> None:
         self.node = node
         self.inputs = [name for name in dict.fromkeys(node.input) if name and name not in initializers]
         used = [initializers[name] for name in dict.fromkeys(node.input) if name in initializers]
         self.float = self.session(model, used)
-        quantized = [fake_quantized_weight(t, quantized_weights[t.name]) if t.name in quantized_weights else t
+        quantized = [fake_quantized_weight(t, quantized_weights[t.name], scheme) if t.name in quantized_weights else t
                      for t in used]
         self.quantized = self.session(model, quantized)
 
@@ -116,11 +127,11 @@ class LayerProbe:
         return make_session(probe, optimize=False, what=f"node {self.node.name!r} alone")
 
 
-def fake_quantized_weight(tensor: onnx.TensorProto, axis: int | None) -> onnx.TensorProto:
-    """The weight as DequantizeLinear will give it to its layer: per-channel max, rounded to int8."""
+def fake_quantized_weight(tensor: onnx.TensorProto, axis: int | None, scheme: Scheme) -> onnx.TensorProto:
+    """The weight as DequantizeLinear will give it to its layer: per-channel max, rounded to the scheme."""
     values = numpy_helper.to_array(tensor).astype(np.float32)
-    scale = symmetric_scale(weight_amax(values, axis))
-    dequantized = quantize_int8(values, scale, axis).astype(np.float32)
+    scale = scheme.scale(weight_amax(values, axis))
+    dequantized = scheme.quantize(values, scale, axis).astype(np.float32)
     shape = [1] * values.ndim
     if axis is not None:
         shape[axis] = -1
@@ -139,7 +150,7 @@ class Score:
 
 
 def choose(model: onnx.ModelProto, plan: QuantPlan, histograms: dict[str, Histogram], sample: list[Batch],
-           group_size: int | None) -> tuple[dict[str, float], dict[str, str]]:
+           group_size: int | None, scheme: Scheme = INT8) -> tuple[dict[str, float], dict[str, str]]:
     """The amax of each tensor in ``histograms`` and the candidate method that gave it (see the module doc)."""
     started = time.perf_counter()
     if not sample:
@@ -149,7 +160,7 @@ def choose(model: onnx.ModelProto, plan: QuantPlan, histograms: dict[str, Histog
     initializers = {t.name: t for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     graph_inputs = {i.name for i in model.graph.input}
-    options = {name: candidates(hist) for name, hist in histograms.items()}
+    options = {name: candidates(hist, scheme) for name, hist in histograms.items()}
     probes: dict[str, LayerProbe | None] = {}
     amax, chosen = {}, {}
     names = list(histograms)
@@ -158,7 +169,7 @@ def choose(model: onnx.ModelProto, plan: QuantPlan, histograms: dict[str, Histog
         consumers = {name: consuming_nodes(name, uses, nodes) for name in group}
         for node in {n.name: n for c in consumers.values() for n in c}.values():
             if node.name not in probes:
-                probes[node.name] = make_probe(model, node, weights, initializers)
+                probes[node.name] = make_probe(model, node, weights, initializers, scheme)
         needed = list(dict.fromkeys([*group, *(i for c in consumers.values() for n in c if probes[n.name]
                                                for i in probes[n.name].inputs)]))
         exposed = [n for n in needed if n not in graph_inputs]
@@ -169,7 +180,8 @@ def choose(model: onnx.ModelProto, plan: QuantPlan, histograms: dict[str, Histog
             values = dict(zip(exposed, session.run(exposed, batch.feeds), strict=True)) if session else {}
             values |= {n: batch.feeds[n] for n in needed if n in graph_inputs}
             for name in group:
-                score_batch(scores[name], values, name, options[name], [probes[n.name] for n in consumers[name]])
+                score_batch(scores[name], values, name, options[name], [probes[n.name] for n in consumers[name]],
+                            scheme)
         for name in group:
             relative = scores[name].relative()
             best = options[name][int(np.argmin(np.where(np.isfinite(relative), relative, np.inf)))]
@@ -185,20 +197,20 @@ def consuming_nodes(name: str, uses: dict[str, list[tuple[str, int]]], nodes: di
 
 
 def make_probe(model: onnx.ModelProto, node: onnx.NodeProto, weights: dict[tuple[str, str], int | None],
-               initializers: dict[str, onnx.TensorProto]) -> LayerProbe | None:
+               initializers: dict[str, onnx.TensorProto], scheme: Scheme) -> LayerProbe | None:
     """A probe for a weighted layer; None for other consumers (scored by the tensor's own error)."""
     if node.op_type not in WEIGHTED_OPS:
         return None
     mine = {tensor: axis for (owner, tensor), axis in weights.items() if owner == node.name}
     try:
-        return LayerProbe(model, node, mine, initializers)
+        return LayerProbe(model, node, mine, initializers, scheme)
     except Exception as exc:  # a node ORT will not run alone (missing types): fall back to the tensor's own error
         log.debug("auto: node %r scored by its input's own error (%s)", node.name, first_line(exc))
         return None
 
 
 def score_batch(score: Score, values: dict[str, np.ndarray], name: str, options: list[Candidate],
-                probes: list[LayerProbe | None]) -> None:
+                probes: list[LayerProbe | None], scheme: Scheme) -> None:
     """Add one batch's squared errors, per consumer and candidate."""
     x = values[name]
     if not np.isfinite(x).all():
@@ -208,12 +220,13 @@ def score_batch(score: Score, values: dict[str, np.ndarray], name: str, options:
             reference = x
             score.energy[row] += float(np.square(x, dtype=np.float64).sum())
             for k, c in enumerate(options):
-                score.errors[row, k] += float(np.square(fake_quantize(x, c.amax) - reference, dtype=np.float64).sum())
+                error = fake_quantize(x, c.amax, scheme) - reference
+                score.errors[row, k] += float(np.square(error, dtype=np.float64).sum())
             continue
         feeds = {i: values[i] for i in probe.inputs}
         feeds[name] = x
         reference = probe.float.run(None, feeds)[0].astype(np.float64)
         score.energy[row] += float(np.square(reference).sum())
         for k, c in enumerate(options):
-            output = probe.quantized.run(None, {**feeds, name: fake_quantize(x, c.amax)})[0]
+            output = probe.quantized.run(None, {**feeds, name: fake_quantize(x, c.amax, scheme)})[0]
             score.errors[row, k] += float(np.square(output - reference).sum())

@@ -1,7 +1,13 @@
-"""Collect activation ranges: run the data through ONNX Runtime and reduce each planned tensor as it streams."""
+"""Collect activation ranges: observe the planned tensors batch by batch, fold them into mergeable statistics,
+and reduce each statistic to an amax by the method's function.
+
+``collect_statistics`` is the part that shards (see ``shards.py``): its result merges exactly, so ranges do not
+depend on how the data was split.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -11,122 +17,69 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from qdq.calibrate.auto import AUTO_SAMPLES, Recording, choose
+from qdq.calibrate.auto import AUTO_SAMPLES, Recording, choose, first_samples
 from qdq.calibrate.data import Dataset
 from qdq.calibrate.histogram import Histogram
-from qdq.calibrate.methods import amax_entropy, amax_entropy_guarded, amax_mse, amax_percentile
-from qdq.calibrate.stats import AbsMax
-from qdq.config import QuantizeConfig
+from qdq.calibrate.observer import OrtObserver
+from qdq.calibrate.options import CalibrationOptions
+from qdq.calibrate.registry import METHODS, Statistic, method_amax, new_statistic
 from qdq.errors import CalibrationError, DataError
-from qdq.model_io import first_line
 from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges
-from qdq.runtime import session_exposing, session_reducing
 
 log = logging.getLogger(__name__)
 
-Stat = AbsMax | Histogram
 
+def collect_ranges(model: onnx.ModelProto, names: list[str], data: Dataset,
+                   options: CalibrationOptions | None = None, *, plan: QuantPlan | None = None,
+                   progress: bool = False) -> TensorRanges:
+    """The amax of each tensor in ``names`` over all of ``data``, by ``options.method``.
 
-def collect_ranges(model: onnx.ModelProto, names: list[str], data: Dataset, config: QuantizeConfig | None = None,
-                   *, plan: QuantPlan | None = None, progress: bool = False) -> TensorRanges:
-    """The amax of each tensor in ``names`` over all of ``data``, by ``config.method``.
-
-    A copy of the model exposes the tensors as outputs, at most ``config.max_tensors_per_pass`` at a time (more
+    A copy of the model exposes the tensors as outputs, at most ``options.max_tensors_per_pass`` at a time (more
     tensors: more passes over the data). Each batch's values are reduced into a fixed-size statistic per tensor
-    and dropped, so memory does not grow with the amount of data. ``--method auto`` then scores candidates on
-    the consumers of each tensor, as ``plan`` (default: the plan of ``model`` with ``config``) places them.
+    and dropped, so memory does not grow with the amount of data. With ``workers``/``ray_address`` the data is
+    split into shards, each observed by its own session; only the statistics come back.
+
+    ``auto`` then scores candidates on the consumers of each tensor as ``plan`` places them (default: the plan of
+    ``model`` with default placement), on the first ``AUTO_SAMPLES`` samples (kept while the data streams by).
     """
-    config = config or QuantizeConfig()
-    if config.method == "auto":
-        data = Recording(data, AUTO_SAMPLES)
-    stats = {name: new_stat(config) for name in names}
-    passes = list(chunks(names, config.max_tensors_per_pass or max(len(names), 1)))
+    options = options or CalibrationOptions()
+    started = time.perf_counter()
+    recording = Recording(data, AUTO_SAMPLES) if options.method == "auto" and not options.sharded else None
+    if options.sharded:
+        from qdq.calibrate.shards import collect_sharded
+
+        stats, samples = collect_sharded(model, names, data, options)
+    else:
+        stats, samples = collect_statistics(model, names, recording or data, options, progress=progress)
+    log.info("calibrated %d tensors (%s) on %d samples in %.1f s", len(names), options.method, samples,
+             time.perf_counter() - started)
+    ranges = reduce_statistics(stats, options, samples)
+    if options.method != "auto":
+        return ranges
+    sample = recording.kept if recording else first_samples(data, AUTO_SAMPLES)
+    amax, sources = choose(model, plan or plan_quantization(model), dict(ranges.histograms), sample,
+                           options.max_tensors_per_pass, options.scheme)
+    return dataclasses.replace(ranges, amax=amax, sources=sources)
+
+
+def collect_statistics(model: onnx.ModelProto, names: list[str], data: Dataset, options: CalibrationOptions,
+                       *, progress: bool = False) -> tuple[dict[str, Statistic], int]:
+    """One statistic per tensor over all of ``data``, and the number of samples seen."""
+    stats = {name: new_statistic(options) for name in names}
+    passes = list(chunks(names, options.max_tensors_per_pass or max(len(names), 1)))
     if len(passes) > 1 and not data.rereadable():
         raise DataError(f"calibrating {len(names)} tensors in {len(passes)} passes needs data that can be read "
                         "more than once (a file, a folder, a list); a one-shot iterator was given")
-    started = time.perf_counter()
     samples = 0
     for number, group in enumerate(passes, start=1):
         label = "calibrating" if len(passes) == 1 else f"calibrating, pass {number}/{len(passes)}"
-        samples = observe(model, group, data, stats, label=label, progress=progress)
-    log.info("calibrated %d tensors (%s) on %d samples in %.1f s%s", len(names), config.method, samples,
-             time.perf_counter() - started, f", {len(passes)} passes" if len(passes) > 1 else "")
-    histograms = {name: stat for name, stat in stats.items() if isinstance(stat, Histogram)}
-    amax = reduce_stats(stats, config, samples)
-    sources = {}
-    if config.method == "auto":
-        plan = plan or plan_quantization(model, config.placement())
-        amax, sources = choose(model, plan, histograms, data.kept, config.max_tensors_per_pass)
-    return TensorRanges(amax, method=config.method, samples=samples, histograms=histograms, sources=sources)
+        samples = observe(model, group, data, stats, options, label=label, progress=progress)
+    return stats, samples
 
 
-def new_stat(config: QuantizeConfig) -> Stat:
-    return AbsMax() if config.method == "max" else Histogram(config.num_bins)
-
-
-def chunks(names: list[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(names), size):
-        yield names[start:start + size]
-
-
-def observe(model: onnx.ModelProto, names: list[str], data: Dataset, stats: dict[str, Stat], *, label: str,
-            progress: bool) -> int:
-    """One pass over the data, updating the statistics of ``names``; returns the number of samples seen."""
-    graph_inputs = {i.name for i in model.graph.input}
-    exposed = [n for n in names if n not in graph_inputs]
-    fed = [n for n in names if n in graph_inputs]
-    # With ORT's optimisations: fused kernels (Conv+BatchNorm+Relu, as TensorRT fuses them) run about twice as
-    # fast and differ from the graph's unfused ops only by float rounding. For max calibration ORT also reduces
-    # each tensor to its extremes itself; histograms need the whole tensors.
-    reduce_in_ort = bool(exposed) and all(isinstance(stats[n], AbsMax) for n in exposed)
-    what = "the model prepared for calibration"
-    if not exposed:
-        session, outputs = None, []
-    elif reduce_in_ort:
-        session, outputs = session_reducing(model, exposed, what=what)
-    else:
-        session, outputs = session_exposing(model, exposed, what=what), exposed
-    full_session = None  # made when a reduced extreme is NaN/Inf: those batches need every value to count them
-    samples = runs = 0
-    bar = tqdm(total=data.runs(), desc=label, unit="batch", disable=None if progress else True, leave=False)
-    # Statistics of batch n are reduced on a worker thread while ORT computes batch n+1 (both release the GIL),
-    # so at most two batches of exposed outputs are alive at once.
-    with bar, ThreadPoolExecutor(max_workers=1) as worker:
-        pending = None
-        for batch in data:
-            try:
-                values = session.run(outputs, batch.feeds) if session else []
-                if reduce_in_ort:
-                    finite = all(np.isfinite(v).all() for v in values)  # a NaN anywhere makes the sum NaN
-                    values = [np.stack(values[i:i + 2]) for i in range(0, len(values), 3)]
-                    if not finite:
-                        full_session = full_session or session_exposing(model, exposed, what=what)
-                        values = full_session.run(exposed, batch.feeds)
-            except Exception as exc:  # ORT's InvalidArgument / Fail
-                raise DataError(f"ONNX Runtime failed on batch {runs + 1} of {data.name}: {first_line(exc)}") from exc
-            if pending is not None:
-                pending.result()
-            updates = [(stats[name], value, True) for name, value in zip(exposed, values, strict=True)]
-            updates += [(stats[name], batch.feeds[name], False) for name in fed]
-            pending = worker.submit(update_all, updates)
-            samples += batch.samples
-            runs += 1
-            bar.update()
-        if pending is not None:
-            pending.result()
-    if runs == 0:
-        raise DataError(f"{data.name}: no batches to calibrate with")
-    return samples
-
-
-def update_all(updates: list[tuple[Stat, np.ndarray, bool]]) -> None:
-    for stat, value, owned in updates:
-        stat.update(value, owned=owned)
-
-
-def reduce_stats(stats: dict[str, Stat], config: QuantizeConfig, samples: int) -> dict[str, float]:
-    """Each statistic's amax by the configured method, with warnings for what deserves a look."""
+def reduce_statistics(stats: dict[str, Statistic], options: CalibrationOptions, samples: int) -> TensorRanges:
+    """Each statistic's amax by the method, with warnings for what deserves a look."""
     amax = {}
     for name, stat in stats.items():
         if stat.nonfinite:
@@ -137,19 +90,40 @@ def reduce_stats(stats: dict[str, Stat], config: QuantizeConfig, samples: int) -
                 raise CalibrationError(f"tensor {name!r}: calibration saw no finite value; check the data, "
                                        "or exclude the node that reads it")
             log.warning("tensor %r was all zeros on %d samples; its scale uses the floor amax", name, samples)
-        amax[name] = float(np.float32(method_amax(stat, config)))
-    return amax
+        amax[name] = float(np.float32(method_amax(stat, options)))
+    histograms = {name: stat for name, stat in stats.items() if isinstance(stat, Histogram)}
+    return TensorRanges(amax, method=options.method, samples=samples, histograms=histograms)
 
 
-def method_amax(stat: Stat, config: QuantizeConfig) -> float:
-    if isinstance(stat, AbsMax):
-        return stat.amax
-    if config.method == "percentile":
-        return amax_percentile(stat, config.percentile)
-    if config.method == "entropy":
-        return amax_entropy(stat)
-    if config.method == "entropy-guarded":
-        return amax_entropy_guarded(stat)
-    if config.method == "mse":
-        return amax_mse(stat)
-    return stat.amax
+def chunks(names: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(names), size):
+        yield names[start:start + size]
+
+
+def observe(model: onnx.ModelProto, names: list[str], data: Dataset, stats: dict[str, Statistic],
+            options: CalibrationOptions, *, label: str, progress: bool) -> int:
+    """One pass over the data, updating the statistics of ``names``; returns the number of samples seen."""
+    observer = OrtObserver(model, names, extremes=METHODS[options.method].statistic == "absmax")
+    samples = runs = 0
+    bar = tqdm(total=data.runs(), desc=label, unit="batch", disable=None if progress else True, leave=False)
+    # Statistics of batch n are reduced on a worker thread while ORT computes batch n+1 (both release the GIL),
+    # so at most two batches of exposed outputs are alive at once.
+    with bar, ThreadPoolExecutor(max_workers=1) as worker:
+        pending = None
+        for seen in observer.observe(data):
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(update_all, [(stats[name], value, owned) for name, value, owned in seen.values])
+            samples += seen.batch.samples
+            runs += 1
+            bar.update()
+        if pending is not None:
+            pending.result()
+    if runs == 0:
+        raise DataError(f"{data.name}: no batches to calibrate with")
+    return samples
+
+
+def update_all(updates: list[tuple[Statistic, np.ndarray, bool]]) -> None:
+    for stat, value, owned in updates:
+        stat.update(value, owned=owned)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from qdq.calibrate.histogram import Histogram
+from qdq.scheme import INT8, Scheme
 
 START_BIN = 128  # the first candidate threshold, in bins (TensorRT's entropy calibration)
 LEVELS = 128  # int8 levels on one side of zero
@@ -120,7 +121,7 @@ def kl_divergences(counts: np.ndarray, start: int = START_BIN, levels: int = LEV
     return np.where(nonzero[candidates] >= 2, kl, np.inf)
 
 
-def amax_mse(hist: Histogram, start: int = START_BIN) -> float:
+def amax_mse(hist: Histogram, start: int = START_BIN, scheme: Scheme = INT8) -> float:
     """The bin edge (from bin 128 on) whose quantize→dequantize of the bin centres has the least squared error."""
     if hist.top == 0.0:
         return hist.amax
@@ -132,7 +133,6 @@ def amax_mse(hist: Histogram, start: int = START_BIN) -> float:
     errors = np.empty(len(candidates))
     for lo in range(0, len(candidates), 256):  # blocks keep the candidates × bins matrix small
         amax = candidates[lo:lo + 256, None]
-        scale = amax / 127.0
-        dequantized = np.minimum(np.rint(centres[None, :] / scale), 127.0) * scale
+        dequantized = scheme.fake_quantize(centres[None, :], amax)
         errors[lo:lo + 256] = ((dequantized - centres[None, :]) ** 2 * weights[None, :]).sum(axis=1)
     return min(float(candidates[int(np.argmin(errors))]), hist.amax)

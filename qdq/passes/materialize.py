@@ -11,21 +11,23 @@ from qdq.graph import export_model, fresh_name, import_graph
 from qdq.passes.base import PassResult
 from qdq.placement.plan import QuantPlan
 from qdq.ranges import TensorRanges
-from qdq.scheme import quantize_int8, symmetric_scale, weight_amax
+from qdq.scheme import INT8, Scheme, weight_amax
 
 
 class MaterializeQDQ:
     """Insert one Q/DQ pair per planned activation and one per planned (weight, axis); rewire the planned inputs.
 
-    Precondition: every planned activation has a range. Names derive from the quantized tensor
+    Precondition: every planned activation has a range. The scheme (INT8 by default) gives the element type,
+    the scale (``amax / qmax``) and the zero point. Names derive from the quantized tensor
     (``<tensor>_QuantizeLinear``, ``<tensor>_scale``...) so the graph reads well in Netron; each Q and weight
     DQ node's doc_string says where its scale came from.
     """
 
     name = "materialize-qdq"
 
-    def __init__(self, plan: QuantPlan, ranges: TensorRanges, *, weights: str = "int8") -> None:
-        self.plan, self.ranges, self.weights = plan, ranges, weights
+    def __init__(self, plan: QuantPlan, ranges: TensorRanges, *, weights: str = "int8",
+                 scheme: Scheme = INT8) -> None:
+        self.plan, self.ranges, self.weights, self.scheme = plan, ranges, weights, scheme
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         activations = self.plan.activations()
@@ -35,13 +37,14 @@ class MaterializeQDQ:
         graph = import_graph(model)
         tensors = graph.tensors()
         nodes = {node.name: node for node in graph.nodes}
-        writer = QdqWriter(graph, taken=set(tensors) | set(nodes))
+        writer = QdqWriter(graph, self.scheme, taken=set(tensors) | set(nodes))
         for name, uses in activations.items():
-            doc = f"activation, per tensor: amax={self.ranges.amax[name]!r} ({self.ranges.source(name)}), scale=amax/127"
-            dq = writer.pair(tensors[name], np.float32(self.ranges.scale(name)), axis=None, doc=doc)
+            doc = (f"activation, per tensor: amax={self.ranges.amax[name]!r} ({self.ranges.source(name)}), "
+                   f"scale=amax/{self.scheme.qmax:g}")
+            dq = writer.pair(tensors[name], np.float32(self.ranges.scale(name, self.scheme)), axis=None, doc=doc)
             rewire(nodes, uses, dq)
         for (name, axis), uses in self.plan.weights().items():
-            rewire(nodes, uses, writer.weight(tensors[name], axis, int8=self.weights == "int8"))
+            rewire(nodes, uses, writer.weight(tensors[name], axis, stored=self.weights == "int8"))
         graph.cleanup().toposort()
         out = export_model(graph, like=model)
         for node in out.graph.node:
@@ -58,8 +61,8 @@ def rewire(nodes: dict[str, gs.Node], uses: list[tuple[str, int]], tensor: gs.Te
 class QdqWriter:
     """Makes Q/DQ nodes and their constants with fresh, readable names."""
 
-    def __init__(self, graph: gs.Graph, taken: set[str]) -> None:
-        self.graph, self.taken = graph, taken
+    def __init__(self, graph: gs.Graph, scheme: Scheme, taken: set[str]) -> None:
+        self.graph, self.scheme, self.taken = graph, scheme, taken
         self.docs: dict[str, str] = {}
 
     def pair(self, source: gs.Tensor, scale: np.ndarray, *, axis: int | None, doc: str) -> gs.Variable:
@@ -67,27 +70,30 @@ class QdqWriter:
         base = source.name
         scale_c, zero_c = self.scale_and_zero(base, scale)
         attrs = {} if axis is None else {"axis": axis}
-        quantized = gs.Variable(self.fresh(f"{base}_quantized"), dtype=np.int8, shape=source.shape)
+        quantized = gs.Variable(self.fresh(f"{base}_quantized"), dtype=self.scheme.element_dtype, shape=source.shape)
         q = gs.Node("QuantizeLinear", self.fresh(f"{base}_QuantizeLinear"), attrs,
                     [source, scale_c, zero_c], [quantized])
         self.graph.nodes.append(q)
         self.docs[q.name] = doc
         return self.dequantize(base, quantized, scale_c, zero_c, attrs, source.shape)
 
-    def weight(self, source: gs.Constant, axis: int | None, *, int8: bool) -> gs.Variable:
-        """A constant weight quantized from its own values (per channel along ``axis``, or per tensor)."""
+    def weight(self, source: gs.Constant, axis: int | None, *, stored: bool) -> gs.Variable:
+        """A constant weight quantized from its own values (per channel along ``axis``, or per tensor).
+
+        ``stored``: the quantized values become the initializer (no QuantizeLinear); else a Q/DQ pair on it.
+        """
         values = load_uncached(source)
         amax = weight_amax(values, axis)
-        scale = symmetric_scale(amax)
+        scale = self.scheme.scale(amax)
         where = "per tensor" if axis is None else f"per channel, axis {axis}"
-        doc = f"weight, {where}: amax=max|w| (largest {float(amax.max())!r}), scale=amax/127"
+        doc = f"weight, {where}: amax=max|w| (largest {float(amax.max())!r}), scale=amax/{self.scheme.qmax:g}"
         base = source.name
-        if not int8:
+        if not stored:
             return self.pair(source, scale, axis=axis, doc=doc)
         scale_c, zero_c = self.scale_and_zero(base, scale)
         attrs = {} if axis is None else {"axis": axis}
-        stored = gs.Constant(self.fresh(f"{base}_int8"), quantize_int8(values, scale, axis))
-        dq_out = self.dequantize(base, stored, scale_c, zero_c, attrs, list(values.shape))
+        quantized = gs.Constant(self.fresh(f"{base}_{self.scheme.name}"), self.scheme.quantize(values, scale, axis))
+        dq_out = self.dequantize(base, quantized, scale_c, zero_c, attrs, list(values.shape))
         self.docs[dq_out.inputs[0].name] = doc
         return dq_out
 
@@ -100,9 +106,9 @@ class QdqWriter:
         return out
 
     def scale_and_zero(self, base: str, scale: np.ndarray) -> tuple[gs.Constant, gs.Constant]:
-        scale = np.asarray(scale, dtype=np.float32)
+        scale = np.asarray(scale, dtype=self.scheme.scale_dtype)
         return (gs.Constant(self.fresh(f"{base}_scale"), scale),
-                gs.Constant(self.fresh(f"{base}_zero_point"), np.zeros(scale.shape, dtype=np.int8)))
+                gs.Constant(self.fresh(f"{base}_zero_point"), self.scheme.zero_point(scale.shape)))
 
     def fresh(self, name: str) -> str:
         return fresh_name(name, self.taken)

@@ -1,0 +1,197 @@
+"""Nothing a user owns is lost: every output is checked against every input and output of the run (qdq.files),
+staged, and committed only when the whole run succeeded; special files are written through, never replaced."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import DIGITS, ROOT, parse
+
+import qdq.commands
+from qdq.cli import main
+from qdq.errors import OutputError
+
+ARGS = ["--method", "max", "-q"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A user's folder: the sample model, its data and labels, a range file, and earlier outputs."""
+    for name in ("digits.onnx", "calib.npz", "labels.npy"):
+        shutil.copy(DIGITS / name, tmp_path / name)
+    (tmp_path / "ranges.txt").write_text("image:1.0\n")
+    (tmp_path / "a.cache").write_text("TRT-8601-EntropyCalibration2\nimage: 3c010204\n")
+    (tmp_path / "out.onnx").write_bytes(b"an earlier output")
+    (tmp_path / "report.html").write_text("<p>an earlier report</p>")
+    return tmp_path
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int, bool]]:
+    """Every entry's bytes, mtime and kind: what a failed run must leave exactly as it was."""
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        info = os.lstat(path)
+        data = path.read_bytes() if stat.S_ISREG(info.st_mode) else b""
+        entries[str(path.relative_to(folder))] = (data, info.st_mtime_ns, stat.S_ISREG(info.st_mode))
+    return entries
+
+
+# --- one output clashing with an input or another output: refused before any work, naming both -----------------
+
+CLASHES = {
+    "quantize --report MODEL": ["quantize", "digits.onnx", "-o", "new.onnx", "--calib", "calib.npz", "--report",
+                                "digits.onnx"],
+    "quantize -o CALIB": ["quantize", "digits.onnx", "-o", "calib.npz", "--calib", "calib.npz"],
+    "quantize --report OUTPUT": ["quantize", "digits.onnx", "-o", "out.onnx", "--calib", "calib.npz", "--report",
+                                 "out.onnx"],
+    "quantize --save-ranges RANGES": ["quantize", "digits.onnx", "-o", "new.onnx", "--ranges", "ranges.txt",
+                                      "--save-ranges", "ranges.txt"],
+    "quantize --save-ranges OUTPUT (new)": ["quantize", "digits.onnx", "-o", "x.json", "--calib", "calib.npz",
+                                            "--save-ranges", "x.json"],
+    "quantize -o LABELS": ["quantize", "digits.onnx", "-o", "labels.npy", "--calib", "calib.npz", "--labels",
+                           "labels.npy"],
+    "ranges -o CALIB": ["ranges", "digits.onnx", "--calib", "calib.npz", "-o", "calib.npz", "--format", "text"],
+    "ranges --from X -o X": ["ranges", "--from", "a.cache", "-o", "a.cache", "--format", "json"],
+    "compare --report FLOAT": ["compare", "digits.onnx", "out.onnx", "--data", "calib.npz", "--report",
+                               "digits.onnx"],
+    "sensitivity --report MODEL": ["sensitivity", "digits.onnx", "--calib", "calib.npz", "--report", "digits.onnx"],
+    "-o through x/../": ["quantize", "digits.onnx", "-o", "sub/../digits.onnx", "--calib", "calib.npz"],
+    "-o a symlink to the model": ["quantize", "digits.onnx", "-o", "link.onnx", "--calib", "calib.npz"],
+    "-o a hard link to the model": ["quantize", "digits.onnx", "-o", "hard.onnx", "--calib", "calib.npz"],
+    "--report a hard link to --calib": ["quantize", "digits.onnx", "-o", "new.onnx", "--calib", "calib.npz",
+                                        "--report", "calib-hard.npz"],
+}
+
+
+@pytest.mark.parametrize("argv", CLASHES.values(), ids=CLASHES.keys())
+def test_an_output_that_is_an_input_or_another_output_is_refused(folder, capsys, monkeypatch, argv):
+    (folder / "sub").mkdir()
+    (folder / "link.onnx").symlink_to(folder / "digits.onnx")
+    os.link(folder / "digits.onnx", folder / "hard.onnx")
+    os.link(folder / "calib.npz", folder / "calib-hard.npz")
+    monkeypatch.chdir(folder)
+    before = snapshot(folder)
+    code, out, err = run(capsys, *argv, *ARGS[-1:])
+    assert code == 1 and "would overwrite" in err and err.count("\n") == 1, err
+    assert snapshot(folder) == before, "a refused run changed the folder"
+
+
+def test_external_data_of_the_input_is_an_input(tmp_path, capsys, rng):
+    model = parse('<ir_version: 8, opset_import: ["" : 13]>\ng (float[N, 32] x) => (float[N, 32] y) '
+                  '<float[32, 32] w = {0.0}> { y = MatMul (x, w) }', rng)
+    onnx.save(model, str(tmp_path / "good.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(4, 32)).astype(np.float32))
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "quantize", tmp_path / "good.onnx", "-o", tmp_path / "w.bin", "--calib",
+                       tmp_path / "c.npz", "-q")
+    assert code == 1 and "w.bin" in err and "external data of good.onnx" in err, err
+    assert snapshot(tmp_path) == before
+
+
+# --- outputs committed together: a later failure leaves the earlier outputs as they were ---------------------------
+
+def test_a_failing_report_leaves_the_existing_output_byte_identical(folder, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OutputError("report.html: cannot write (No space left on device)")
+
+    monkeypatch.setattr(qdq.commands, "write_report", disk_full)
+    before = snapshot(folder)
+    code, _, err = run(capsys, "quantize", folder / "digits.onnx", "-o", folder / "out.onnx", "--calib",
+                       folder / "calib.npz", "--save-ranges", folder / "new.json", "--report",
+                       folder / "report.html", *ARGS)
+    assert code == 1 and "No space left" in err
+    assert snapshot(folder) == before, "the -o file or a staging folder changed although the run failed"
+
+
+def test_all_outputs_land_together_on_success(folder, capsys):
+    code, _, err = run(capsys, "quantize", folder / "digits.onnx", "-o", folder / "out.onnx", "--calib",
+                       folder / "calib.npz", "--save-ranges", folder / "new.json", "--report",
+                       folder / "report.html", *ARGS)
+    assert code == 0, err
+    assert onnx.load(str(folder / "out.onnx")).graph.node, "the new model replaced the earlier output"
+    assert (folder / "new.json").read_text().startswith("{") and "<html>" in (folder / "report.html").read_text()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "a staging folder was left behind"
+
+
+def test_an_output_through_a_symlink_replaces_the_file_it_points_to(folder, capsys):
+    (folder / "real").mkdir()
+    (folder / "real" / "model.onnx").write_bytes(b"old")
+    (folder / "link.onnx").symlink_to(folder / "real" / "model.onnx")
+    code, _, err = run(capsys, "quantize", folder / "digits.onnx", "-o", folder / "link.onnx", "--calib",
+                       folder / "calib.npz", *ARGS)
+    assert code == 0, err
+    assert (folder / "link.onnx").is_symlink(), "the symlink must stay a symlink"
+    assert onnx.load(str(folder / "real" / "model.onnx")).graph.node
+
+
+# --- targets that are not regular files: written through, never replaced ------------------------------------------
+
+def test_a_fifo_output_is_written_through_and_stays_a_fifo(folder, capsys):
+    fifo = folder / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    code, _, err = run(capsys, "quantize", folder / "digits.onnx", "-o", fifo, "--calib", folder / "calib.npz",
+                       *ARGS)
+    reader.join(timeout=60)
+    assert code == 0, err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced"
+    assert received and onnx.load_from_string(received[0]).graph.node, "the model did not go through the FIFO"
+
+
+def test_a_socket_output_is_refused(folder, capsys):
+    import socket
+
+    path = folder / "s.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        code, _, err = run(capsys, "quantize", folder / "digits.onnx", "-o", path, "--calib",
+                           folder / "calib.npz", *ARGS)
+    assert code == 1 and "a socket" in err and stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+DEVICE_SCRIPT = r"""
+set -u
+mount -t tmpfs tmpfs "$DEV" || exit 90
+mknod "$DEV/null" c 1 3 && mknod "$DEV/full" c 1 7 || exit 91
+qdq() { "$PYTHON" -c 'import sys; from qdq.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+qdq quantize "$MODEL" -o "$DEV/null" --calib "$CALIB" --method max -q; echo "null exit $?"
+test -c "$DEV/null" && echo "null is still a device"
+qdq quantize "$MODEL" -o "$OUT" --calib "$CALIB" --method max -q --report "$DEV/full" 2>&1; echo "full exit $?"
+test -c "$DEV/full" && echo "full is still a device"
+"""
+
+
+def test_device_outputs_are_written_through_inside_a_private_mount_namespace(folder):
+    """A fake /dev/null and /dev/full on a tmpfs only this test's mount namespace sees; never the real ones."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("unshare -m is not permitted here: no private mount namespace for fake device nodes")
+    (folder / "dev").mkdir()
+    before = (folder / "out.onnx").read_bytes()
+    env = {**os.environ, "DEV": str(folder / "dev"), "PYTHON": sys.executable, "MODEL": str(folder / "digits.onnx"),
+           "CALIB": str(folder / "calib.npz"), "OUT": str(folder / "out.onnx"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["unshare", "-m", "sh", "-c", DEVICE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if done.returncode in (90, 91):
+        pytest.skip(f"cannot mount a tmpfs or make device nodes in the namespace: {done.stderr.strip()}")
+    lines = done.stdout
+    assert "null exit 0" in lines and "null is still a device" in lines, lines + done.stderr
+    assert "full exit 1" in lines and "No space left on device" in lines, lines + done.stderr
+    assert "full is still a device" in lines, lines
+    assert (folder / "out.onnx").read_bytes() == before, "a failed --report must leave -o as it was"
