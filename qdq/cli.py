@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = commands.add_parser("build", parents=[common], help="build a TensorRT engine from a Q/DQ model",
                             description="Build a TensorRT engine (strongly typed: INT8 where the graph has Q/DQ) "
                                         "and report which layers run in which precision. Needs TensorRT and a GPU; "
-                                        "prints the equivalent trtexec command either way.")
+                                        "prints the equivalent trtexec command either way (--dry-run: only what "
+                                        "would be built).")
     b.add_argument("model", type=Path, help="quantized ONNX model")
     b.add_argument("-o", "--output", type=Path, required=True, help="where to write the engine")
     b.add_argument("--workspace-mb", type=int, metavar="N", help="builder workspace limit in MiB")
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input shapes for dynamic dims: name:1x3x224x224 or name:MIN,OPT,MAX")
     b.add_argument("--verify", metavar="DATA", help="run the engine on DATA and compare with ONNX Runtime")
     b.add_argument("--batch-size", type=int, metavar="N", help="samples per run for --verify")
+    b.add_argument("--dry-run", action="store_true",
+                   help="print the profiles, the precision expected per node and the trtexec line; needs no TensorRT")
+    b.add_argument("--trt-version", type=int, choices=(10, 11), metavar="10|11",
+                   help="TensorRT version the printed trtexec line is for (default: the installed one, else 10)")
     b.set_defaults(run=run_build)
 
     cmp = commands.add_parser("compare", parents=[common], help="compare a quantized model with the float one",

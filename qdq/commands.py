@@ -107,14 +107,23 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from qdq import trt  # TensorRT itself is imported inside, on use
+    from qdq import trt_plan  # TensorRT itself is imported by qdq.trt, on use
 
-    shapes = trt.parse_shapes(args.shapes)
+    shapes = trt_plan.parse_shapes(args.shapes)
     model = load_model(args.model)
-    say(trt.trtexec_command(args.model, args.output, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
-                              shapes=shapes))
-    result = trt.build_engine(args.model, args.output, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
-                              shapes=shapes, quantized_nodes=quantized_node_names(model))
+    trt_plan.check_shapes(model, shapes)
+    version = args.trt_version or trt_plan.installed_tensorrt_major() or 10
+    options = {"workspace_mb": args.workspace_mb, "timing_cache": args.timing_cache, "shapes": shapes}
+    if args.dry_run:
+        plan = trt_plan.build_plan(model, args.model, args.output, trt_version=version, **options)
+        say(plan.describe(with_command=False))
+        say_command(plan.trtexec)
+        return 0
+    say_command(trt_plan.trtexec_command(args.model, args.output, trt_version=version, **options))
+    from qdq import trt
+
+    result = trt.build_engine(args.model, args.output, **options, quantized_nodes=trt_plan.quantized_node_names(model),
+                              node_order=[n.name for n in model.graph.node])
     say(result.summary.describe())
     say(f"wrote {result.engine}")
     if args.verify:
@@ -123,10 +132,12 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def quantized_node_names(model) -> set[str]:
-    """Nodes reading at least one DequantizeLinear output: the layers that should run INT8."""
-    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return {n.name for n in model.graph.node if n.op_type != "QuantizeLinear" and set(n.input) & dequantized}
+def say_command(line: str) -> None:
+    """A shell command line is printed whole (long paths are not shortened) unless it holds control characters."""
+    if line.isprintable():
+        print(line)
+    else:
+        say(line)
 
 
 def run_compare(args: argparse.Namespace) -> int:
