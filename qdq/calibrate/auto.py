@@ -16,7 +16,8 @@ may cost more (or less) there than the tensor's own error suggests. So, per quan
 
 Streaming: one batch of the exposed tensors (at most ``max_tensors_per_pass`` at a time) is alive at once, and
 each candidate's error is reduced to a sum as soon as it is computed. Cost: one extra inference over the sample,
-plus every consuming layer run once per candidate on it.
+plus every consuming layer run once per candidate on it (all candidates stacked into one run where the layer
+reads nothing else that varies with the sample).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 AUTO_SAMPLES = 128  # calibration samples the candidates are scored on (their inputs are kept)
 GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # fractions of the max
 PERCENTILES = (99.9, 99.99, 99.999)
+STACK_ELEMENTS = 1 << 22  # at most this many input values (16 MB) per stacked run of candidates
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,10 @@ class LayerProbe:
         quantized = [fake_quantized_weight(t, quantized_weights[t.name], scheme) if t.name in quantized_weights else t
                      for t in used]
         self.quantized = self.session(model, quantized)
+        # The candidates can be stacked along the batch axis into one run when the layer reads nothing else that
+        # varies with the sample and that axis comes first (not Gemm's transA).
+        transposed = any(a.name == "transA" and a.i for a in node.attribute)
+        self.stackable = self.inputs == [node.input[0]] and not transposed
 
     def session(self, model: onnx.ModelProto, weights: list[onnx.TensorProto]) -> Session:
         graph = onnx.helper.make_graph(
@@ -227,6 +233,14 @@ def score_batch(score: Score, values: dict[str, np.ndarray], name: str, options:
         feeds[name] = x
         reference = probe.float.run(None, feeds)[0].astype(np.float64)
         score.energy[row] += float(np.square(reference).sum())
-        for k, c in enumerate(options):
-            output = probe.quantized.run(None, {**feeds, name: fake_quantize(x, c.amax, scheme)})[0]
+        if probe.stackable and x.ndim >= 2:
+            outputs = []
+            step = max(1, STACK_ELEMENTS // max(x.size, 1))
+            for part in (options[i:i + step] for i in range(0, len(options), step)):
+                stacked = np.concatenate([fake_quantize(x, c.amax, scheme) for c in part])
+                outputs += np.split(probe.quantized.run(None, {name: stacked})[0], len(part))
+        else:
+            outputs = [probe.quantized.run(None, {**feeds, name: fake_quantize(x, c.amax, scheme)})[0]
+                       for c in options]
+        for k, output in enumerate(outputs):
             score.errors[row, k] += float(np.square(output - reference).sum())
