@@ -25,13 +25,13 @@ class QuantizeConfig:
     """How to quantize.
 
     Attributes:
-        method: how activation statistics become an amax (../specs/calibration.md). ``entropy`` is TensorRT's
-            entropy calibration, its long-time default for INT8, as published (pytorch-quantization): it clips
-            rare outliers when that keeps more information, where ``max`` lets one outlier take the resolution
-            of the whole tensor. ``entropy-guarded`` (default) is the same search with two guards (never clip
-            more than 0.1% of the values; smoothing for outliers past a gap).
-            ``max`` is the largest |x| seen (fastest: no histogram); ``percentile`` the ``percentile``-th
-            percentile of |x|; ``mse`` the threshold with the least quantization error.
+        method: how activation statistics become an amax (../specs/calibration.md). ``mse`` (default): the
+            threshold with the least quantization error of the tensor. ``auto``: per tensor, the candidate
+            (max, entropies, MSE, percentiles, a grid) with the least error in the consuming layer's output.
+            ``entropy``: TensorRT's entropy calibration as published (pytorch-quantization). ``entropy-guarded``:
+            the same KL search with two guards (never clip more than 0.1% of the values; smoothing for outliers
+            past a gap), qdq's earlier default. ``max``: the largest |x| seen (fastest: no histogram);
+            ``percentile``: the ``percentile``-th percentile of |x|.
         percentile: for ``percentile``; 99.99 as pytorch-quantization (ONNX Runtime uses 99.999).
         num_bins: histogram bins for the histogram methods (2048, as TensorRT); even, at least 256.
         max_tensors_per_pass: observe at most this many tensors per pass over the data; a model with more is

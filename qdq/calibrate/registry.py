@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from qdq.calibrate.options import CalibrationOptions
 
 Statistic = AbsMax | Histogram
-DEFAULT_METHOD = "entropy-guarded"
+DEFAULT_METHOD = "mse"
 
 
 @dataclass(frozen=True)
