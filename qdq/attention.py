@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import onnx
 from onnx import TensorProto
 
 from qdq.graph import GraphIndex
@@ -36,11 +37,28 @@ def feeds_softmax(index: GraphIndex, tensor: str, hops: int = 4) -> str | None:
 
 
 def from_softmax(index: GraphIndex, tensor: str) -> bool:
-    """Whether ``tensor`` is a Softmax's output, seen through copy ops, Casts and Dropouts (attention·V)."""
+    """Whether ``tensor`` is a Softmax's output, seen through copy ops, Casts, Dropouts and masked fills
+    (attention·V)."""
     node = index.producer(tensor)
-    while node is not None and (node.op_type in COPY_OPS or node.op_type in ("Cast", "Dropout")) and node.input:
-        node = index.producer(node.input[0])
+    while node is not None and node.input:
+        if node.op_type in COPY_OPS or node.op_type in ("Cast", "Dropout"):
+            source = node.input[0]
+        elif (source := masked_fill_source(index, node)) is None:
+            break
+        node = index.producer(source)
     return node is not None and node.op_type in SOFTMAX_OPS
+
+
+def masked_fill_source(index: GraphIndex, node: onnx.NodeProto) -> str | None:
+    """The data input of a Where that replaces some values by a constant, else None.
+
+    torch's dynamo exporter guards scaled-dot-product attention so: ``Where(IsNaN(p), 0, p)`` after the Softmax
+    zeroes the rows a mask hides completely (seen on the corpus's GPT-2).
+    """
+    if node.op_type != "Where" or len(node.input) != 3:
+        return None
+    data = [t for t in node.input[1:] if not index.is_constant(t)]
+    return data[0] if len(data) == 1 else None
 
 
 def huge_constant(index: GraphIndex, name: str) -> bool:

@@ -14,9 +14,12 @@ import numpy as np
 import onnx
 
 from qdq.graph import GraphIndex, default_opset
-from qdq.ops import QUANTIZED_COMPUTE_OPS, WEIGHTED_OPS, output_channel_axis
+from qdq.ops import QDQ_OPS, QUANTIZED_COMPUTE_OPS, WEIGHTED_OPS, output_channel_axis
+from qdq.scheme import SCHEMES, Scheme
 
 WEIGHT_SLOT = 1  # the weight input of every weighted op
+# The schemes TensorRT runs, told apart by the zero point's type: INT8, and FP8 E4M3FN (Hopper and later).
+SCHEME_OF_ZERO_POINT = {s.element_dtype: s for s in SCHEMES.values()}
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class Finding:
 def check_model(model: onnx.ModelProto) -> list[Finding]:
     """All findings for ``model``, errors first."""
     graph = GraphIndex(model)
-    findings = [*check_opset(model), *check_ops(model)]
+    findings = [*check_opset(model, graph), *check_ops(model)]
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             findings.extend(check_scale_and_zero_point(node, graph))
@@ -49,10 +52,23 @@ def check_model(model: onnx.ModelProto) -> list[Finding]:
     return sorted(findings, key=lambda f: (f.severity != "error", f.rule, f.node))
 
 
-def check_opset(model: onnx.ModelProto) -> Iterator[Finding]:
+def check_opset(model: onnx.ModelProto, graph: GraphIndex) -> Iterator[Finding]:
     opset = default_opset(model)
     if opset < 13:
         yield Finding("error", "opset", "(model)", f"opset {opset}: per-channel Q/DQ (axis) needs opset 13 or later")
+    for scheme in sorted({s.name: s for n in model.graph.node if (s := scheme_of(n, graph))}.values(),
+                         key=lambda s: s.name):
+        if opset < scheme.min_opset:
+            yield Finding("error", "opset", "(model)", f"opset {opset}: {scheme.name} Q/DQ needs opset "
+                          f"{scheme.min_opset} or later")
+
+
+def scheme_of(node: onnx.NodeProto, graph: GraphIndex) -> Scheme | None:
+    """The scheme of a Q/DQ node, from its zero point's type (None: not a Q/DQ, or no scheme TensorRT runs)."""
+    if node.op_type not in QDQ_OPS or len(node.input) < 3 or not node.input[2]:
+        return None
+    zero = graph.value(node.input[2])
+    return None if zero is None else SCHEME_OF_ZERO_POINT.get(zero.dtype)
 
 
 def check_ops(model: onnx.ModelProto) -> Iterator[Finding]:
@@ -90,14 +106,28 @@ def check_scale_and_zero_point(node: onnx.NodeProto, graph: GraphIndex) -> Itera
         return
     if zero.dtype == np.uint8:
         yield Finding("warning", "zero-point", name, "uint8 zero point: TensorRT coerces it with a warning; use int8")
-    elif zero.dtype != np.int8:
-        yield Finding("error", "zero-point", name, f"zero point is {zero.dtype}: TensorRT takes int8")
-    if np.any(zero.astype(np.int64) != (128 if zero.dtype == np.uint8 else 0)):
+    elif zero.dtype not in SCHEME_OF_ZERO_POINT:
+        yield Finding("error", "zero-point", name, f"zero point is {zero.dtype}: TensorRT takes int8, or "
+                      "float8e4m3fn for FP8 (E5M2 and the FNUZ types are not TensorRT's)")
+        return
+    elif SCHEME_OF_ZERO_POINT[zero.dtype].is_float:
+        yield from check_fp8_use(node, graph)
+    if np.any(zero.astype(np.float64) != (128 if zero.dtype == np.uint8 else 0)):
         yield Finding("error", "zero-point", name, "non-zero zero point: TensorRT quantization is symmetric "
                       "(zero point 0)")
     if zero.shape != scale.shape:
         yield Finding("error", "zero-point", name, f"zero point shape {list(zero.shape)} differs from the scale's "
                       f"{list(scale.shape)}")
+
+
+def check_fp8_use(node: onnx.NodeProto, graph: GraphIndex) -> Iterator[Finding]:
+    """[TRT] FP8 Q/DQ pay off in convolutions and matrix multiplies; elsewhere TensorRT converts and gains nothing."""
+    if node.op_type != "DequantizeLinear":
+        return
+    for reader in graph.consumers(node.output[0]):
+        if reader.op_type not in WEIGHTED_OPS:
+            yield Finding("warning", "fp8-op", name_of(node), f"FP8 data feeds {reader.op_type} {name_of(reader)}: "
+                          "TensorRT runs FP8 in Conv, ConvTranspose, Gemm and MatMul only")
 
 
 def check_axis(node: onnx.NodeProto, graph: GraphIndex) -> Iterator[Finding]:

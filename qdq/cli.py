@@ -10,8 +10,11 @@ import argparse
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+import onnxruntime as ort
 
 from qdq import __version__
 from qdq.commands import (
@@ -26,7 +29,7 @@ from qdq.commands import (
     run_view,
 )
 from qdq.config import DEFAULT_METHOD, HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS
-from qdq.errors import QdqError
+from qdq.errors import QdqError, printable
 from qdq.range_files import FORMATS
 from qdq.scheme import SCHEMES
 
@@ -38,9 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = setup_logging(quiet=args.quiet, debug=args.debug)
     try:
-        return args.run(args)
+        # stderr carries qdq's own lines only: numpy's RuntimeWarnings and ONNX Runtime's log lines only with --debug.
+        with warnings.catch_warnings():
+            warnings.simplefilter("default" if args.debug else "ignore")
+            ort.set_default_logger_severity(2 if args.debug else 4)
+            return args.run(args)
     except QdqError as exc:
-        print(f"qdq: error: {exc}", file=sys.stderr)
+        print(printable(f"qdq: error: {exc}").replace("\n", " "), file=sys.stderr)
         if args.debug:
             traceback.print_exc()
         return exc.exit_code
@@ -48,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("qdq: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug in qdq: still one line, with the way to learn more
-        print(f"qdq: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(printable(f"qdq: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+                        "traceback)").replace("\n", " "), file=sys.stderr)
         if args.debug:
             traceback.print_exc()
         return 1
@@ -225,14 +232,26 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                        help="histogram bins for entropy/percentile/mse (default: 2048)")
     group.add_argument("--scheme", choices=tuple(SCHEMES), default="int8",
                        help="int8 (default: scale amax/127) or fp8 (E4M3, scale amax/448, opset 19)")
+    group.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="calibrate in N local processes, each over a shard of the data (same ranges as one)")
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", dest="ray_address",
+                       help="calibrate the shards as Ray tasks: on the cluster at ADDRESS, or a local Ray without "
+                            "one (pip install \"qdq[ray]\")")
     group.add_argument("--max-tensors-per-pass", type=int, metavar="N",
                        help="observe at most N tensors per pass over the data (bounds memory on big models)")
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped and overlong names shortened (names come from user files)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def setup_logging(*, quiet: bool, debug: bool) -> logging.Handler:
     """Log qdq's progress and warnings to stderr, one ``qdq: ...`` line each, for this command only."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("qdq: %(levelname)s: %(message)s" if debug else "qdq: %(message)s"))
+    handler.setFormatter(PrintableFormatter("qdq: %(levelname)s: %(message)s" if debug else "qdq: %(message)s"))
     log.addHandler(handler)
     log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)

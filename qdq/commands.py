@@ -33,7 +33,8 @@ def make_config(args: argparse.Namespace, **extra) -> QuantizeConfig:
     """The QuantizeConfig of whichever option groups this command has."""
     options = {name: getattr(args, name) for name in ("method", "percentile", "num_bins", "max_tensors_per_pass",
                                                       "batch_size", "exclude_nodes", "exclude_op_types",
-                                                      "include_op_types", "scheme") if hasattr(args, name)}
+                                                      "include_op_types", "scheme", "workers",
+                                                      "ray_address") if hasattr(args, name)}
     if hasattr(args, "per_tensor_weights"):
         options["per_channel"] = not args.per_tensor_weights
     try:
@@ -257,12 +258,13 @@ def print_summary(result: QuantizeResult, output: Path, size: int, evaluation: s
     say(f"quantized {report.quantized_nodes} of {report.total_nodes} nodes: {report.activations} activations "
         f"(per tensor, {result.ranges.method} on {result.ranges.samples} samples), {report.weights} weights")
     if report.comparison is not None:
-        print_comparison(report.comparison, evaluation)
+        print_comparison(report.comparison, evaluation, quantized=report.scheme)
     say(f"wrote {output} ({size / 1e6:.2f} MB) in {report.seconds:.1f} s")
 
 
-def print_comparison(comparison: Comparison, source: str | None, *, full: bool = False) -> None:
-    say(f"int8 vs float on {comparison.samples} samples of {source}:")
+def print_comparison(comparison: Comparison, source: str | None, *, full: bool = False,
+                     quantized: str = "int8") -> None:
+    say(f"{quantized} vs float on {comparison.samples} samples of {source}:")
     width = max(len("output"), *(len(o.name) for o in comparison.outputs))
     extra = f"  {'cosine':>9}  {'mean abs err':>12}" if full else ""
     say(f"  {'output':<{width}}  {'SQNR dB':>8}  {'max abs err':>11}  {'top-1 agree':>11}{extra}")
@@ -271,7 +273,8 @@ def print_comparison(comparison: Comparison, source: str | None, *, full: bool =
         more = f"  {o.cosine:>9.6f}  {o.mean_abs_error:>12.4g}" if full else ""
         say(f"  {o.name:<{width}}  {o.sqnr_db:>8.2f}  {o.max_abs_error:>11.4g}  {agree:>11}{more}")
     if comparison.float_accuracy is not None and comparison.quant_accuracy is not None:
-        say(f"accuracy: float {100 * comparison.float_accuracy:.2f}%  int8 {100 * comparison.quant_accuracy:.2f}%")
+        say(f"accuracy: float {100 * comparison.float_accuracy:.2f}%  "
+            f"{quantized} {100 * comparison.quant_accuracy:.2f}%")
 
 
 def say(text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -12,7 +13,7 @@ from qdq.calibrate.options import CalibrationOptions
 from qdq.calibrate.registry import DEFAULT_METHOD
 from qdq.calibrate.registry import METHODS as METHOD_REGISTRY
 from qdq.placement.planner import PlacementOptions
-from qdq.scheme import SCHEMES, Scheme
+from qdq.scheme import SCHEMES, Scheme, with_fp16_scales
 
 WeightFormat = Literal["int8", "float"]
 WEIGHT_FORMATS: tuple[str, ...] = ("int8", "float")
@@ -33,7 +34,7 @@ class QuantizeConfig:
             past a gap), qdq's earlier default. ``max``: the largest |x| seen (fastest: no histogram);
             ``percentile``: the ``percentile``-th percentile of |x|.
         percentile: for ``percentile``; 99.99 as pytorch-quantization (ONNX Runtime uses 99.999).
-        num_bins: histogram bins for the histogram methods (2048, as TensorRT); even, at least 256.
+        num_bins: histogram bins for the histogram methods (2048, as TensorRT); even, from 256 to 16384.
         max_tensors_per_pass: observe at most this many tensors per pass over the data; a model with more is
             calibrated in several passes. Bounds the memory ONNX Runtime holds for exposed outputs.
         batch_size: samples per inference run when the data's first axis is the model's batch axis;
@@ -91,6 +92,9 @@ class QuantizeConfig:
                 raise ValueError(f"exclude_nodes: {pattern!r} is not a regular expression ({exc})") from None
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.target_sqnr is not None and not (isinstance(self.target_sqnr, int | float)
+                                                 and math.isfinite(self.target_sqnr)):
+            raise ValueError(f"target_sqnr must be a finite number of dB, got {self.target_sqnr!r}")
         if self.max_top1_drop is not None and not 0 <= self.max_top1_drop < 100:
             raise ValueError(f"max_top1_drop must be a percentage in [0, 100), got {self.max_top1_drop!r}")
         if self.high_precision not in HIGH_PRECISIONS:
@@ -107,11 +111,13 @@ class QuantizeConfig:
                                   workers=self.workers, ray_address=self.ray_address)
 
     def quant_scheme(self) -> Scheme:
-        return SCHEMES[self.scheme]
+        scheme = SCHEMES[self.scheme]
+        return with_fp16_scales(scheme) if self.high_precision == "fp16" else scheme
 
     def placement(self) -> PlacementOptions:
         return PlacementOptions(per_channel=self.per_channel, exclude_nodes=self.exclude_nodes,
-                                exclude_op_types=self.exclude_op_types, include_op_types=self.include_op_types)
+                                exclude_op_types=self.exclude_op_types, include_op_types=self.include_op_types,
+                                scheme=self.scheme)
 
     def to_json(self) -> str:
         """The options as compact, key-sorted JSON (recorded in the output model's metadata)."""

@@ -10,7 +10,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx.external_data_helper import load_external_data_for_model
 
-from qdq.errors import ModelError, OutputError, shown
+from qdq.errors import ArgumentError, ModelError, OutputError, shown
 from qdq.files import Identity, RunFiles, prepare_output
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,16 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelPr
     The caller's ModelProto is never modified: qdq works on a copy.
     """
     if isinstance(source, onnx.ModelProto):
+        if external := external_tensors(source):
+            location = next((e.value for e in external[0].external_data if e.key == "location"), "")
+            raise ModelError(f"the model keeps {len(external)} tensors in external files (e.g. {shown(location)} "
+                             f"for {shown(external[0].name)}), which a ModelProto cannot locate: pass the model's "
+                             "path instead (qdq reads external data from the model's folder only)")
         model = onnx.ModelProto()
         model.CopyFrom(source)
         where = "the model"
+    elif not isinstance(source, str | os.PathLike):
+        raise ArgumentError(f"the model must be a path or an onnx.ModelProto, got a {type(source).__name__}")
     else:
         path = Path(source)
         where = str(path)

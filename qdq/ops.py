@@ -31,11 +31,14 @@ ACTIVATION_OPS = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Har
 ELEMENTWISE_OPS = ARITHMETIC_OPS | ACTIVATION_OPS | frozenset({"Where", "Cast"})
 
 SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
+# Whole attention in one op: ONNX's Attention (opset 23 on, what torch's dynamo exporter writes for
+# scaled_dot_product_attention) and ONNX Runtime's fused contrib ops. Its products are inside it, not MatMuls.
+FUSED_ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention"})
 # Normalisations that compute statistics of the data itself. BatchNormalization in inference is a constant
 # per-channel affine (usually folded away), so it is not one: a residual Add before a pre-activation BatchNorm
 # (ResNet-v2, DenseNet) must stay quantizable.
 NORMALIZATION_OPS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization",
-                               "SimplifiedLayerNormalization", "LpNormalization"})
+                               "SimplifiedLayerNormalization", "RMSNormalization", "LpNormalization"})
 REDUCTION_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
                            "ReduceLogSumExp", "ReduceSumSquare", "ReduceMax", "ReduceMin"})
 # exp/log/pow/sqrt: where small relative errors grow (FP16 overflow, cancellation inside a variance).

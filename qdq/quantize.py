@@ -20,7 +20,7 @@ from qdq.calibrate.data import DataLike, Dataset, input_specs, open_data
 from qdq.check import check_model
 from qdq.compare import Comparison, compare_models
 from qdq.config import QuantizeConfig
-from qdq.errors import CalibrationError, DataError, OutputError
+from qdq.errors import ArgumentError, CalibrationError, DataError, ModelError, OutputError, shown
 from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.ops import CONTROL_FLOW_OPS, WEIGHTED_OPS
@@ -36,7 +36,7 @@ from qdq.passes.shapes import InferShapes
 from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges, inherit_through_copies
 from qdq.runtime import Session, make_session, quantized_session
-from qdq.scheme import INT8, Scheme
+from qdq.scheme import INT8, Scheme, bounds_note
 from qdq.sensitivity import Evaluator, Goal, SensitivityReport, fall_back, layer_sensitivity
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Report:
     notes: tuple[str, ...] = ()
     comparison: Comparison | None = None
     seconds: float = 0.0
+    scheme: str = "int8"
 
     def summary(self) -> dict[str, int]:
         return {"quantized_nodes": self.quantized_nodes, "nodes": self.total_nodes,
@@ -108,11 +109,16 @@ def quantize(
     Raises:
         QdqError: with a message naming the file, tensor or node at fault.
     """
-    config = config or QuantizeConfig()
+    config = checked_config(config)
+    if ranges is not None and not isinstance(ranges, TensorRanges):
+        raise ArgumentError(f"ranges must be a qdq.TensorRanges (e.g. qdq.range_files.read_ranges(path)), got a "
+                            f"{type(ranges).__name__}")
     started = time.perf_counter()
     source = load_model(model)
     scheme = config.quant_scheme()
     prepared, notes = prepare(source, scheme)
+    float_session = input_session(prepared, model)
+    note_constant_inputs(source, notes)
     specs = input_specs(prepared)
     calibration = None if calibration_data is None else open_data(calibration_data, specs, config.batch_size)
     evaluation = None if evaluation_data is None else open_data(evaluation_data, specs, config.batch_size)
@@ -129,20 +135,20 @@ def quantize(
         warn_unknown_names(ranges, source)
     used = plan_ranges(prepared, plan, calibration, config, ranges, notes, progress=progress)
     if config.target_sqnr is not None or config.max_top1_drop is not None:
-        plan, used, float_session = meet_target(prepared, plan, used, evaluation, config, notes, progress=progress)
-    else:
-        float_session = None
+        plan, used = meet_target(prepared, plan, used, evaluation, float_session, config, notes, progress=progress)
 
+    check_weights(prepared, plan)
+    note_bounds(used, scheme, notes)
     quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme).run(prepared).model
     if config.high_precision == "fp16":
         quantized, fp16_notes = run_passes(quantized, [CastToFP16()])
         notes.extend(fp16_notes)
     report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(used), len(plan.weights()),
-                    tuple(notes))
+                    tuple(notes), scheme=config.scheme)
     stamp_metadata(quantized, config, report, used, plan)
     check_quantized(quantized)
     comparison = None if evaluation is None else compare_models(
-        float_session or prepared, quantized, evaluation, labels, progress=progress)
+        float_session, quantized, evaluation, labels, progress=progress)
     report = dataclasses.replace(report, comparison=comparison, seconds=time.perf_counter() - started)
     return QuantizeResult(quantized, used, plan, report)
 
@@ -155,24 +161,21 @@ def calibrate(
     progress: bool = False,
 ) -> TensorRanges:
     """The ranges ``quantize`` would use for ``model`` on this data, without inserting Q/DQ (for range files)."""
-    config = config or QuantizeConfig()
+    config = checked_config(config)
     prepared, notes = prepare(load_model(model), config.quant_scheme())
+    input_session(prepared, model)
     calibration = open_data(calibration_data, input_specs(prepared), config.batch_size)
     plan = plan_quantization(prepared, config.placement())
     return plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
 
 
 def meet_target(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, evaluation: Dataset | None,
-                config: QuantizeConfig, notes: list[str], *, progress: bool
-                ) -> tuple[QuantPlan, TensorRanges, Session]:
-    """Leave the most sensitive layers float until the target SQNR or top-1 drop is met.
-
-    Also returns the float model's session, which the final comparison reuses.
-    """
+                float_session: Session, config: QuantizeConfig, notes: list[str], *, progress: bool
+                ) -> tuple[QuantPlan, TensorRanges]:
+    """Leave the most sensitive layers float until the target SQNR or top-1 drop is met."""
     goal = Goal(config.target_sqnr, config.max_top1_drop)
     if evaluation is None:
         raise DataError(f"a target ({goal}) needs evaluation data to measure it on (--eval, or evaluation_data)")
-    float_session = make_session(model, what="the float model")
     evaluator = Evaluator(model, ranges, evaluation, float_session, config.weights, config.quant_scheme())
     result = fall_back(plan, evaluator, goal, progress=progress)
     if result.left_float:
@@ -183,7 +186,7 @@ def meet_target(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, e
     if not result.met:
         notes.append(f"target ({goal}) not reached: {result.after} with every layer float")
         log.warning("%s", notes[-1])
-    return result.plan, ranges.subset(result.plan.activation_names()), float_session
+    return result.plan, ranges.subset(result.plan.activation_names())
 
 
 def sensitivity(
@@ -195,23 +198,49 @@ def sensitivity(
     progress: bool = False,
 ) -> SensitivityReport:
     """Rank the layers ``quantize`` would quantize by the output SQNR they cost (one at a time, and all but one)."""
-    config = config or QuantizeConfig()
+    config = checked_config(config)
     prepared, notes = prepare(load_model(model), config.quant_scheme())
+    float_session = input_session(prepared, model)
     specs = input_specs(prepared)
     calibration = open_data(calibration_data, specs, config.batch_size)
     evaluation = open_data(evaluation_data, specs, config.batch_size)
     plan = plan_quantization(prepared, config.placement())
     ranges = plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
-    evaluator = Evaluator(prepared, ranges, evaluation, make_session(prepared, what="the float model"),
+    evaluator = Evaluator(prepared, ranges, evaluation, float_session,
                           config.weights, config.quant_scheme())
     return layer_sensitivity(plan, evaluator, progress=progress)
 
 
 def explain(model: str | os.PathLike[str] | onnx.ModelProto, *, config: QuantizeConfig | None = None) -> QuantPlan:
     """The placement plan ``quantize`` would follow for ``model``: every node's decision, rule and reason."""
-    config = config or QuantizeConfig()
+    config = checked_config(config)
     prepared, _ = prepare(load_model(model), config.quant_scheme())
     return plan_quantization(prepared, config.placement())
+
+
+def note_constant_inputs(model: onnx.ModelProto, notes: list[str]) -> None:
+    """Graph inputs that also have an initializer are constants here (their default is used, nothing is fed)."""
+    initializers = {i.name for i in model.graph.initializer}
+    if both := [i.name for i in model.graph.input if i.name in initializers]:
+        notes.append(f"{len(both)} graph inputs also have an initializer ({', '.join(map(shown, both[:3]))}"
+                     f"{', ...' if len(both) > 3 else ''}): qdq treats them as constants and feeds them no data")
+        log.info("%s", notes[-1])
+
+
+def checked_config(config: object) -> QuantizeConfig:
+    """``config``, or the defaults for ``None``; anything else is an error saying what is expected."""
+    if config is None:
+        return QuantizeConfig()
+    if not isinstance(config, QuantizeConfig):
+        raise ArgumentError(f"config must be a qdq.QuantizeConfig, e.g. QuantizeConfig(method=\"max\"); got a "
+                            f"{type(config).__name__}")
+    return config
+
+
+def input_session(prepared: onnx.ModelProto, model: object) -> Session:
+    """A session of the float model, made first: an opset or op ONNX Runtime lacks is the input's problem."""
+    where = f"the input model {model}" if isinstance(model, str | os.PathLike) else "the input model"
+    return make_session(prepared, what=f"{where} (before quantization)")
 
 
 def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | None, config: QuantizeConfig,
@@ -232,6 +261,29 @@ def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | 
         known = known.merged(collect_ranges(model, missing, calibration, config.calibration(), plan=plan,
                                             progress=progress))
     return known.subset(needed).shared(plan.shared_scales)
+
+
+def check_weights(model: onnx.ModelProto, plan: QuantPlan) -> None:
+    """Weights to quantize must be finite and not empty: their scales come from max|w|."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    for name in dict.fromkeys(name for name, _ in plan.weights()):
+        values = onnx.numpy_helper.to_array(initializers[name])
+        if values.size == 0:
+            raise ModelError(f"weight {shown(name)} is empty (shape {list(values.shape)}): the model is damaged")
+        if not np.isfinite(values).all():
+            raise ModelError(f"weight {shown(name)} holds {values.size - np.count_nonzero(np.isfinite(values))} "
+                             "NaN/Inf values: fix the model, or exclude the layers that use it (--exclude-nodes)")
+
+
+def note_bounds(ranges: TensorRanges, scheme: Scheme, notes: list[str]) -> None:
+    """Say which ranges the scheme's floor or ceiling changed (each Q node's doc string gives the value used)."""
+    changed = [f"{shown(name)} {ranges.amax[name]:.3g} {note}" for name in ranges
+               if (name not in ranges.scales or scheme != INT8) and (note := bounds_note(scheme, ranges.amax[name]))]
+    if changed:
+        notes.append(f"{len(changed)} ranges are outside [{scheme.amax_floor:.6g}, {scheme.amax_ceiling:.6g}], the "
+                     "amax its scales can hold: "
+                     + "; ".join(changed[:5]) + ("; ..." if len(changed) > 5 else ""))
+        log.warning("%s", notes[-1])
 
 
 def warn_unknown_names(ranges: TensorRanges, model: onnx.ModelProto) -> None:

@@ -22,8 +22,11 @@ import re
 import struct
 from pathlib import Path
 
-from qdq.errors import DataError
-from qdq.model_io import write_atomic
+import numpy as np
+
+from qdq.errors import DataError, OutputError, printable, shown
+from qdq.files import read_bounded
+from qdq.model_io import first_line, write_atomic
 from qdq.ranges import TensorRanges
 from qdq.scheme import INT8
 
@@ -35,6 +38,19 @@ JSON_FORMAT, JSON_VERSION = "qdq-ranges", 1
 CACHE_HEADER = re.compile(r"^TRT-\d+-\w+$")
 DEFAULT_CACHE_HEADER = "TRT-100000-EntropyCalibration2"
 CACHE_SCHEME = INT8
+# Range files are small (one line per activation): these limits stop a wrong path (/dev/zero, a data file) early.
+MAX_BYTES, MAX_LINES = 64_000_000, 1_000_000
+# Every amax must be a float32 (TensorRT's ranges are float32), and every scale a normal float32.
+AMAX_LIMIT = float(np.finfo(np.float32).max)
+SCALE_MIN = float(np.finfo(np.float32).tiny)
+
+
+def check_amax(where: str, name: str, value: float) -> float:
+    """``value`` if it is a usable amax; else an error naming ``where`` (``file:line``) and the tensor."""
+    if not (math.isfinite(value) and 0 < value <= AMAX_LIMIT):
+        raise DataError(f"{where}: {shown(name)} has amax {value!r}; a range must be finite and > 0, at most float32's "
+                        f"largest value {AMAX_LIMIT:.4g}")
+    return value
 
 
 def detect_format(text: str) -> str:
@@ -56,11 +72,15 @@ def format_for_path(path: Path) -> str:
 
 
 def read_ranges(path: str | os.PathLike[str], fmt: str | None = None) -> TensorRanges:
+    """Read a range file of at most ``MAX_BYTES`` and ``MAX_LINES`` (a FIFO or ``/dev/zero`` is refused)."""
     path = Path(path)
+    data = read_bounded(path, "range file", max_bytes=MAX_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the range file ({getattr(exc, 'strerror', None) or exc})") from exc
+        text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors) is not part of the first name
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: the range file is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if (lines := text.count("\n")) > MAX_LINES:
+        raise DataError(f"{path}: the range file has {lines} lines, more than qdq's limit of {MAX_LINES}")
     return parse_ranges(text, str(path), fmt)
 
 
@@ -90,13 +110,13 @@ def _entries(text: str, where: str, separator: str, start: int = 0):
             continue
         name, sep, value = line.rpartition(separator)
         if not sep or not name.strip():
-            raise DataError(f"{where}:{number}: expected 'name{separator}value', got {line!r}")
+            raise DataError(f"{where}:{number}: expected 'name{separator}value', got {shown(line)}")
         yield number, name.strip(), value.strip()
 
 
 def _add(table: dict[str, tuple[float, int]], where: str, number: int, name: str, value: float) -> None:
     if name in table and table[name][0] != value:
-        raise DataError(f"{where}:{number}: {name!r} is given twice with different values "
+        raise DataError(f"{where}:{number}: {shown(name)} is given twice with different values "
                         f"(line {table[name][1]}: {table[name][0]!r}, here: {value!r})")
     table.setdefault(name, (value, number))
 
@@ -107,10 +127,8 @@ def parse_text(text: str, where: str) -> TensorRanges:
         try:
             amax = float(value)
         except ValueError:
-            raise DataError(f"{where}:{number}: {name!r} has amax {value!r}, not a number") from None
-        if not (math.isfinite(amax) and amax > 0):
-            raise DataError(f"{where}:{number}: {name!r} has amax {value}; a range must be finite and > 0")
-        _add(table, where, number, name, amax)
+            raise DataError(f"{where}:{number}: {shown(name)} has amax {shown(value)}, not a number") from None
+        _add(table, where, number, name, check_amax(f"{where}:{number}", name, amax))
     return TensorRanges({name: v for name, (v, _) in table.items()}, method="text")
 
 
@@ -119,7 +137,7 @@ def parse_cache(text: str, where: str) -> TensorRanges:
     header = lines[0].strip() if lines else ""
     if not CACHE_HEADER.match(header):
         raise DataError(f"{where}:1: expected a TensorRT cache header like 'TRT-8601-EntropyCalibration2', "
-                        f"got {header!r}")
+                        f"got {shown(header)}")
     table: dict[str, tuple[float, int]] = {}
     unusable = []
     for number, name, value in _entries(text, where, ": ", start=1):
@@ -128,14 +146,16 @@ def parse_cache(text: str, where: str) -> TensorRanges:
             if not 0 <= bits < 2**32:
                 raise ValueError
         except ValueError:
-            raise DataError(f"{where}:{number}: {name!r} has {value!r}, not the hex bits of a float32") from None
+            raise DataError(f"{where}:{number}: {shown(name)} has {shown(value)}, not the hex bits of a float32"
+                            ) from None
         scale = struct.unpack(">f", struct.pack(">I", bits))[0]
         if scale == 0:
             unusable.append(name)
             continue
-        if not (math.isfinite(scale) and scale > 0):
-            raise DataError(f"{where}:{number}: {name!r} has scale {scale!r} (bits {value}); it must be finite "
-                            "and > 0")
+        if not (math.isfinite(scale) and SCALE_MIN <= scale <= AMAX_LIMIT / CACHE_SCHEME.qmax):
+            raise DataError(f"{where}:{number}: {shown(name)} has scale {scale!r} (bits {shown(value)}); a scale "
+                            f"must be finite and > 0, a normal float32 from {SCALE_MIN:.4g} to "
+                            f"{AMAX_LIMIT / CACHE_SCHEME.qmax:.4g} (0 marks a tensor without a range)")
         _add(table, where, number, name, scale)
     if unusable:
         log.warning("%s: %d tensors have scale 0 (no usable range) and are skipped: %s", where, len(unusable),
@@ -151,15 +171,12 @@ def parse_json(text: str, where: str) -> TensorRanges:
         doc = json.loads(text)
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
             raise DataError(f"{where}: not a qdq range file (no \"format\": \"{JSON_FORMAT}\")")
-        amax = {}
-        for name, entry in doc["tensors"].items():
-            value = float(entry["amax"])
-            if not (math.isfinite(value) and value > 0):
-                raise DataError(f"{where}: tensor {name!r} has amax {value!r}; a range must be finite and > 0")
-            amax[name] = value
+        amax = {name: check_amax(where, name, float(entry["amax"])) for name, entry in doc["tensors"].items()}
         return TensorRanges(amax, method=str(doc.get("method", "unknown")), samples=int(doc.get("samples", 0)))
+    except RecursionError:
+        raise DataError(f"{where}: malformed qdq range file (nested too deeply)") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise DataError(f"{where}: malformed qdq range file ({exc})") from exc
+        raise DataError(f"{where}: malformed qdq range file ({printable(first_line(exc))[:200]})") from exc
 
 
 def render_text(ranges: TensorRanges) -> str:
@@ -169,7 +186,10 @@ def render_text(ranges: TensorRanges) -> str:
 def render_cache(ranges: TensorRanges) -> str:
     lines = [ranges.header or DEFAULT_CACHE_HEADER]
     for name in ranges:
-        bits = struct.unpack(">I", struct.pack(">f", ranges.scale(name, CACHE_SCHEME)))[0]
+        scale = ranges.scale(name, CACHE_SCHEME)
+        if not (math.isfinite(scale) and scale >= SCALE_MIN):
+            raise OutputError(f"tensor {shown(name)}: scale {scale!r} cannot be written to a TensorRT cache")
+        bits = struct.unpack(">I", struct.pack(">f", scale))[0]
         lines.append(f"{name}: {bits:x}")
     return "\n".join(lines) + "\n"
 

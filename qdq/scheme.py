@@ -7,6 +7,7 @@ are written. Adding a scheme is one more value here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -87,6 +88,26 @@ INT8 = Scheme("int8", TensorProto.INT8, qmax=127, min_opset=13, amax_floor=1e-6,
 FP8 = Scheme("fp8", TensorProto.FLOAT8E4M3FN, qmax=448, min_opset=19, amax_floor=1e-6,
              amax_ceiling=float(np.finfo(np.float32).max))
 SCHEMES = {s.name: s for s in (INT8, FP8)}
+
+
+def with_fp16_scales(scheme: Scheme) -> Scheme:
+    """``scheme`` for a model whose scales are stored in FP16 (``--high-precision fp16``).
+
+    The floor rises so that ``amax / qmax`` is a normal FP16 number (an all-zeros tensor's 1e-6 would round to a
+    scale of 0), and the ceiling falls to FP16's largest value, which an FP16 activation cannot exceed.
+    """
+    half = np.finfo(np.float16)
+    return dataclasses.replace(scheme, amax_floor=max(scheme.amax_floor, float(half.tiny) * scheme.qmax),
+                               amax_ceiling=min(scheme.amax_ceiling, float(half.max)))
+
+
+def bounds_note(scheme: Scheme, amax: float) -> str:
+    """What the scheme's floor or ceiling did to ``amax``, for messages and doc strings ("" when nothing)."""
+    if amax < scheme.amax_floor:
+        return f"raised to the floor {scheme.amax_floor:.6g}"
+    if amax > scheme.amax_ceiling:
+        return f"lowered to the ceiling {scheme.amax_ceiling:.6g}"
+    return ""
 
 
 def symmetric_scale(amax: float | np.ndarray) -> np.ndarray:

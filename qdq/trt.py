@@ -23,7 +23,7 @@ import numpy as np
 from qdq.errors import MissingDependencyError, QdqError
 from qdq.model_io import check_writable, write_atomic
 from qdq.trt_inspect import LayerSummary, layer_precision, summarize_layers, tensor_precision
-from qdq.trt_plan import Shapes, dims_text, parse_shapes, trtexec_command
+from qdq.trt_plan import Shapes, dims_text, example_shapes, parse_shapes, trtexec_command
 
 __all__ = ["EngineError", "EngineRunner", "LayerSummary", "Shapes", "build_engine", "layer_precision",
            "parse_shapes", "run_engine", "summarize_layers", "tensor_precision", "trtexec_command",
@@ -182,8 +182,9 @@ def add_profile(builder: Any, network: Any, config: Any, shapes: Shapes) -> None
     if not dynamic:
         return
     if missing := [n for n in dynamic if n not in shapes]:
+        first = next(t for t in inputs if t.name == missing[0])
         raise EngineError(f"inputs {missing} have dynamic dims or are shape tensors: give their shapes (values for "
-                          f"a shape tensor), e.g. --shapes {missing[0]}:1x3x224x224")
+                          f"a shape tensor), e.g. --shapes {example_shapes(first.name, tuple(first.shape))}")
     profile = builder.create_optimization_profile()
     for tensor in inputs:
         if tensor.name not in dynamic:
@@ -209,7 +210,10 @@ def load_timing_cache(config: Any, path: Path | None) -> list[str]:
         except OSError as exc:
             data = b""
             log.warning("%s: cannot read the timing cache (%s): building with a fresh one", path, exc)
-    cache = config.create_timing_cache(data)
+    try:
+        cache = config.create_timing_cache(data)
+    except (RuntimeError, TypeError, ValueError):  # bytes TensorRT cannot read at all: as rejected, below
+        cache = None
     if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
         return []
     message = (f"{path}: TensorRT rejected this timing cache (made on another GPU or TensorRT version?): "
@@ -354,14 +358,19 @@ class EngineRunner:
     def _release(self, stream: Any, pointers: list[int]) -> None:
         """Free what one run allocated; a failure here is logged, never hides the error that got us here."""
         for pointer in pointers:
-            self._quietly(self.cudart.cudaFree(pointer), "cudaFree")
+            self._quietly("cudaFree", pointer)
         if stream is not None:
-            self._quietly(self.cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+            self._quietly("cudaStreamDestroy", stream)
 
-    def _quietly(self, result: Any, what: str) -> None:
-        error = result[0] if isinstance(result, tuple) else result
-        if error != self.cudart.cudaError_t.cudaSuccess:
-            log.warning("%s: CUDA %s failed: %s", self.path, what, getattr(error, "name", error))
+    def _quietly(self, call: str, argument: Any) -> None:
+        try:
+            result = getattr(self.cudart, call)(argument)
+            error = result[0] if isinstance(result, tuple) else result
+            failed = error != self.cudart.cudaError_t.cudaSuccess
+        except Exception as exc:  # still release the rest; the run's own error, if any, is the one to report
+            error, failed = f"{type(exc).__name__}: {exc}", True
+        if failed:
+            log.warning("%s: CUDA %s failed: %s", self.path, call, getattr(error, "name", error))
 
 
 def run_engine(engine_path: str | os.PathLike[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -58,6 +58,14 @@ def dims_text(dims: tuple[int, ...]) -> str:
     return "x".join(map(str, dims))
 
 
+def example_shapes(name: str, shape: tuple | None) -> str:
+    """A ``--shapes`` value for an input, its dynamic dims set to 1, 8 and 32 (min, opt, max)."""
+    if shape is None:
+        return f"{name}:1x3x224x224"
+    return f"{name}:" + ",".join("x".join(str(d) if isinstance(d, int) and d > 0 else str(n) for d in shape)
+                                 for n in (1, 8, 32))
+
+
 def maybe_shape_tensor(dtype: np.dtype, shape: tuple | None) -> bool:
     """An integer input of rank 0 or 1 may be a shape tensor (TensorRT reads its values, from --shapes)."""
     return dtype.kind in "iu" and shape is not None and len(shape) <= 1
@@ -182,8 +190,9 @@ def build_plan(model: onnx.ModelProto, model_path: Path, engine: Path, *, shapes
     """The dry run of ``qdq build``: profiles, per-node precision and the trtexec line, without TensorRT."""
     dynamic = check_shapes(model, shapes)
     if missing := [n for n in dynamic if n not in shapes]:
-        raise ShapesError(f"inputs {missing} have dynamic dims: give their shapes, e.g. --shapes {missing[0]}:"
-                          "1x3x224x224 (or MIN,OPT,MAX)")
+        spec = next(s for s in input_specs(model) if s.name == missing[0])
+        raise ShapesError(f"inputs {missing} have dynamic dims: give their shapes, e.g. --shapes "
+                          f"{example_shapes(spec.name, spec.shape)}")
     profiles = []
     for spec in input_specs(model):
         if spec.name in shapes:

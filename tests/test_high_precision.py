@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, ROOT, producers
+from conftest import DIGITS, ROOT, parse, producers
 
 import qdq
 from qdq.check import check_model
@@ -84,3 +84,25 @@ def test_cli_option(tmp_path, capsys):
     assert main(["quantize", str(DIGITS / "digits.onnx"), "--calib", str(DIGITS / "calib.npz"), "-o", str(out),
                  "--high-precision", "fp16"]) == 0
     assert onnx.load(str(out)).opset_import[0].version >= 19
+
+
+def test_inputs_the_op_types_itself_keep_their_type(rng):
+    """Resize's ``scales`` is float32 whatever the data type, its ``roi`` has a type of its own: an FP16 Resize
+    between INT8 convolutions (an FPN's upsampling, as YOLOv8 and DBNet exports have) must not get FP16 scales."""
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N, 16, 8, 8] x) => (float[N, 16, 16, 16] y) <float[16, 16, 3, 3] w1 = {0.0},
+                                                            float[16, 16, 3, 3] w2 = {0.0}> {
+            scales = Constant <value = float[4] {1.0, 1.0, 2.0, 2.0}> ()
+            a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+            r = Relu (a)
+            up = Resize <mode = "nearest"> (r, , scales)
+            y = Conv <pads = [1, 1, 1, 1]> (up, w2)
+        }""", rng)
+    data = {"x": rng.standard_normal((8, 16, 8, 8), dtype=np.float32)}
+    result = qdq.quantize(model, data, config=qdq.QuantizeConfig(high_precision="fp16"), evaluation_data=data)
+    types = elem_types(result.model)
+    resize = next(n for n in result.model.graph.node if n.op_type == "Resize")
+    assert types[resize.input[2]] == FP32, "Resize's scales must stay float32"
+    assert types[resize.input[0]] == FP16 and types[resize.output[0]] == FP16
+    assert result.report.comparison.outputs[0].sqnr_db > 30, result.report.comparison

@@ -195,3 +195,50 @@ def test_device_outputs_are_written_through_inside_a_private_mount_namespace(fol
     assert "full exit 1" in lines and "No space left on device" in lines, lines + done.stderr
     assert "full is still a device" in lines, lines
     assert (folder / "out.onnx").read_bytes() == before, "a failed --report must leave -o as it was"
+
+
+# --- done when: a run that fails for any reason leaves every pre-existing file byte-identical ---------------------
+
+FAILING = {
+    "data that fits no input": ["quantize", "digits.onnx", "-o", "out.onnx", "--calib", "wrong.npz",
+                                "--save-ranges", "ranges.json", "--report", "report.html"],
+    "a malformed range file": ["quantize", "digits.onnx", "-o", "out.onnx", "--ranges", "bad.txt"],
+    "labels of the wrong type": ["quantize", "digits.onnx", "-o", "out.onnx", "--calib", "calib.npz", "--labels",
+                                 "float-labels.npy", "--report", "report.html"],
+    "no finite value": ["quantize", "digits.onnx", "-o", "out.onnx", "--calib", "nan.npz", "--save-ranges",
+                        "ranges.json"],
+    "convert a bad cache": ["ranges", "--from", "bad.cache", "-o", "ranges.json"],
+    "calibrate with missing data": ["ranges", "digits.onnx", "--calib", "none.npz", "-o", "ranges.json"],
+    "compare with a broken model": ["compare", "digits.onnx", "out.onnx", "--data", "calib.npz", "--report",
+                                    "report.html"],
+    "sensitivity without data": ["sensitivity", "digits.onnx", "--calib", "none.npz", "--report", "report.html"],
+    "a report that cannot be written": ["quantize", "digits.onnx", "-o", "out.onnx", "--calib", "calib.npz",
+                                        "--save-ranges", "ranges.json", "--report", "report.html"],
+    "interrupted while writing the report": ["quantize", "digits.onnx", "-o", "out.onnx", "--calib", "calib.npz",
+                                             "--report", "report.html", "--json"],
+}
+
+
+def test_failing_runs_leave_every_file_byte_identical(folder, capsys, monkeypatch):
+    np.savez(folder / "wrong.npz", pixels=np.zeros((4, 1, 8, 8), np.float32))
+    np.savez(folder / "nan.npz", image=np.full((4, 1, 8, 8), np.nan, np.float32))
+    np.save(folder / "float-labels.npy", np.zeros(128, np.float32))
+    (folder / "bad.txt").write_text("image 1.0\n")
+    (folder / "bad.cache").write_text("TRT-8601-EntropyCalibration2\nimage: zz\n")
+    (folder / "ranges.json").write_text('{"earlier": true}')
+    monkeypatch.chdir(folder)
+    before = snapshot(folder)
+    real_report = qdq.commands.write_report
+    for name, argv in FAILING.items():
+        def failing_report(*args, _name=name, **kwargs):
+            if _name == "a report that cannot be written":
+                raise OutputError("report.html: cannot write (No space left on device)")
+            if _name.startswith("interrupted"):
+                raise KeyboardInterrupt
+            return real_report(*args, **kwargs)
+
+        monkeypatch.setattr(qdq.commands, "write_report", failing_report)
+        code, _, err = run(capsys, *argv, "-q")
+        assert code != 0, f"{name}: expected a failure, got exit 0"
+        assert "internal error" not in err, f"{name}: {err}"
+        assert snapshot(folder) == before, f"{name}: a failed run changed the folder"

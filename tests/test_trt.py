@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -408,3 +409,49 @@ def test_cli_build_with_fakes_prints_summary_and_verifies(monkeypatch, tmp_path,
     assert "9 engine layers" in out and "(TensorRT vs ONNX Runtime)" in out
     assert state.deserialized == 2, "once to inspect after the build, once for the whole --verify run"
 
+
+
+def fake_calls() -> list[str]:
+    """Every call the fakes implement: ``Class.method`` of the tensorrt fake, ``cudart.function`` of cuda-python's."""
+    state = relu_engine()
+    calls = [f"{cls.__name__}.{name}" for cls in fakes.make_tensorrt(state)._fake_classes
+             for name, value in vars(cls).items() if callable(value) and (name == "__init__" or name[0] != "_")]
+    cudart = fakes.make_cudart(state)
+    return calls + [f"cudart.{name}" for name, value in vars(cudart).items()
+                    if name.startswith("cuda") and isinstance(value, types.FunctionType)]
+
+
+@pytest.mark.parametrize("call", fake_calls())
+def test_any_binding_raising_ends_as_an_engine_error_or_exit_3(monkeypatch, tmp_path, rng, call):
+    state = fakes.install(monkeypatch, relu_engine(inspector_json=TRT10))
+    owner, method = call.split(".")
+
+    def injected(*args, **kwargs):
+        raise RuntimeError(f"{call} failed (injected)")
+
+    if owner == "cudart":
+        monkeypatch.setattr(sys.modules["cuda.bindings.runtime"], method, injected)
+    else:
+        cls = next(c for c in sys.modules["tensorrt"]._fake_classes if c.__name__ == owner)
+        monkeypatch.setattr(cls, method, injected)
+    cache = tmp_path / "t.cache"
+    cache.write_bytes(b"CACHE:old")
+    engine = tmp_path / "m.engine"
+    steps = [lambda: trt.build_engine(DIGITS / "digits.onnx", engine, timing_cache=cache,
+                                      shapes=trt.parse_shapes(["image:1x1x8x8,2x1x8x8,4x1x8x8"])),
+             lambda: engine.write_bytes(b"fake engine") if not engine.exists() else None,
+             lambda: trt.verify_engine(parse(RELU), engine, {"image": rng.standard_normal((4, 1, 8, 8), np.float32)},
+                                       batch_size=2)]
+    for step in steps:
+        try:
+            step()
+        except (trt.EngineError, MissingDependencyError) as exc:
+            assert "Traceback" not in str(exc) and "\n" not in str(exc), str(exc)
+    assert state.streams == set() or call == "cudart.cudaStreamDestroy", f"{call}: a stream left undestroyed"
+    assert state.memory == {} or call == "cudart.cudaFree", f"{call}: device memory left allocated"
+
+
+def test_missing_shapes_are_asked_for_with_an_example_from_the_model(no_tensorrt, digits_qdq, tmp_path, capsys):
+    code = main(["build", str(digits_qdq), "-o", str(tmp_path / "d.engine"), "--dry-run"])
+    assert code == 1
+    assert "--shapes image:1x1x8x8,8x1x8x8,32x1x8x8" in capsys.readouterr().err

@@ -8,6 +8,7 @@ Everything is validated against the model's inputs before any inference runs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -17,11 +18,15 @@ import numpy as np
 import onnx
 
 from qdq.calibrate.npz import iter_rows, read_members
-from qdq.errors import DataError
+from qdq.errors import DataError, shown
+from qdq.files import regular_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
+# One run's inputs may take at most this much memory. Checked on the declared shapes before anything is read, so
+# a damaged or hostile file (a deflate bomb declaring a huge dynamic dimension) fails at once instead of inflating.
+RUN_BYTES_LIMIT = 1 << 30
 
 Dim = int | str | None
 DataLike = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
@@ -76,6 +81,7 @@ class ArrayData:
         if fixed and self.samples < self.rows:
             raise DataError(f"{where}: {self.samples} samples, fewer than the model's fixed batch size {self.rows}")
         self.usable = self.samples - self.samples % self.rows if fixed else self.samples
+        check_run_bytes(where, meta, min(self.rows, self.samples))
         if self.usable < self.samples:
             log.warning("%s: the last %d samples do not fill a batch of %d and are skipped",
                         where, self.samples - self.usable, self.rows)
@@ -92,7 +98,8 @@ class ArrayData:
             if seen >= self.usable:
                 return
             if self.stacked:
-                yield Batch({k: v[0] for k, v in block.items()}, samples=1)
+                # v[0] of a stacked scalar input would be a numpy scalar, which ONNX Runtime does not take.
+                yield Batch({k: np.asarray(v[0]) for k, v in block.items()}, samples=1)
             else:
                 yield Batch(block, samples=next(iter(block.values())).shape[0])
             seen += next(iter(block.values())).shape[0]
@@ -100,7 +107,7 @@ class ArrayData:
 
 class NpzData(ArrayData):
     def __init__(self, path: Path, specs: list[InputSpec], batch_size: int | None) -> None:
-        self.path = path
+        self.path = regular_file(path, "data")
         members = read_members(path)
         super().__init__(str(path), {k: (m.dtype, m.shape) for k, m in members.items()}, specs, batch_size)
         self.keys = [s.name for s in specs]
@@ -172,7 +179,7 @@ def open_data(data: DataLike, specs: list[InputSpec], batch_size: int | None = N
             if not files:
                 raise DataError(f"{path}: the folder holds no .npz files")
             return Dataset([NpzData(f, specs, batch_size) for f in files], str(path))
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"{path}: no such file or folder")
         return Dataset([NpzData(path, specs, batch_size)], str(path))
     if isinstance(data, Mapping):
@@ -201,7 +208,7 @@ def check_array(where: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, 
     """
     if dtype != spec.dtype:
         raise DataError(f"{where}: input {spec.name!r} is {dtype}, the model expects {spec.dtype} "
-                        f"(convert with .astype(np.{spec.dtype}))")
+                        f"({conversion_hint(spec.dtype)})")
     if spec.shape is None:
         return
     own = shape[leading:]  # dims that must match the input's trailing dims
@@ -210,6 +217,16 @@ def check_array(where: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, 
         isinstance(e, int) and e > 0 and e != s for s, e in zip(own, expected, strict=True))
     if mismatch:
         raise DataError(f"{where}: input {spec.name!r} has shape {list(shape)}, the model expects {spec.describe()}")
+
+
+def conversion_hint(dtype: np.dtype) -> str:
+    """How to convert to ``dtype`` in numpy: ``np.float16`` exists; bfloat16 lives in ml_dtypes, strings are str."""
+    if dtype.kind in "OSU":
+        return "the model takes strings: give an array of str"
+    if getattr(np, dtype.name, None) is not None and np.dtype(getattr(np, dtype.name)) == dtype:
+        return f"convert with .astype(np.{dtype.name})"
+    return f"convert with .astype(ml_dtypes.{dtype.name})" if dtype.name in ("bfloat16",) or dtype.name.startswith(
+        "float8") else f"convert to {dtype}"
 
 
 def check_layout(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]], specs: list[InputSpec]
@@ -223,8 +240,11 @@ def check_layout(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]
         if rank is not None and len(shape) not in (rank, rank + 1):
             raise DataError(f"{where}: input {spec.name!r} has shape {list(shape)}, expected {spec.describe()} "
                             f"(samples along the batch axis) or one more leading axis stacking such inputs")
+        if not shape and rank == 0:
+            raise DataError(f"{where}: input {shown(spec.name)} is a scalar: stack its samples along a first axis, "
+                            "shape (N,)")
         if not shape or shape[0] == 0:
-            raise DataError(f"{where}: input {spec.name!r} holds no samples (shape {list(shape)})")
+            raise DataError(f"{where}: input {shown(spec.name)} holds no samples (shape {list(shape)})")
         stacked = rank is not None and len(shape) == rank + 1
         layouts.add(stacked)
         check_array(where, spec, dtype, shape, leading=1)
@@ -234,6 +254,16 @@ def check_layout(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]
     if len(counts) > 1:
         raise DataError(f"{where}: the inputs hold different numbers of samples ({sorted(counts)})")
     return layouts.pop(), counts.pop()
+
+
+def check_run_bytes(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]], rows: int) -> None:
+    """Refuse data whose runs of ``rows`` samples would need more than :data:`RUN_BYTES_LIMIT` of memory."""
+    sizes = {name: rows * math.prod(shape[1:]) * np.dtype(dtype).itemsize for name, (dtype, shape) in meta.items()}
+    if (total := sum(sizes.values())) > RUN_BYTES_LIMIT:
+        name = max(sizes, key=sizes.__getitem__)
+        raise DataError(f"{where}: one run of {rows} samples would take {total / 2**30:.3g} GiB of inputs "
+                        f"({shown(name)} is declared {list(meta[name][1])}); qdq's limit is "
+                        f"{RUN_BYTES_LIMIT / 2**30:g} GiB per run: use a smaller --batch-size, or check the file")
 
 
 def resolve_batch_size(where: str, specs: list[InputSpec], requested: int | None) -> int:

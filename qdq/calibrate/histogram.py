@@ -1,6 +1,6 @@
 """A streaming histogram of |x|: O(bins) memory per tensor, mergeable, independent of batching.
 
-The counts are kept at a fine resolution, ``RESOLUTION`` fine bins per bin, over ``[0, top]`` where ``top`` is
+The counts are kept at a fine resolution, ``resolution`` fine bins per bin, over ``[0, top]`` where ``top`` is
 the smallest power of two at or above the largest |x| seen. When a batch exceeds ``top``, ``top`` doubles and
 pairs of fine bins merge, so old counts map exactly onto the new bins. Because ``top`` depends only on the
 overall maximum, the same samples give the same histogram whatever the batch size or order: the amax methods are
@@ -11,9 +11,10 @@ Two views serve the methods:
 - :attr:`Histogram.counts`: ``num_bins`` bins over ``[0, top]`` (sums of fine bins, exact);
 - :meth:`Histogram.over_max`: ``num_bins`` bins over ``[0, amax]``, the grid of TensorRT's entropy calibration
   (pytorch-quantization's histogram of a single batch), re-binned from the fine counts. Each of its bins spans
-  at least ``RESOLUTION / 2`` fine bins; a fine bin cut by a bin edge is split in proportion to its overlap.
+  at least ``resolution / 2`` fine bins; a fine bin cut by a bin edge is split in proportion to its overlap.
 
-Memory: ``num_bins * RESOLUTION`` int64 counts per tensor, 256 KB at the default 2048 bins.
+Memory: ``num_bins * resolution`` int64 counts per tensor (``FINE_BINS`` at most): 256 KB at the default 2048 bins
+(resolution 16), never more.
 """
 
 from __future__ import annotations
@@ -23,27 +24,35 @@ import math
 import numpy as np
 
 BLOCK = 1 << 16
-RESOLUTION = 16  # fine bins per bin: the re-binned [0, amax] grid stays within a few % of a direct histogram
+# --num-bins stops here: the entropy method's candidates x 128-levels tables stay near 100 MB while computed.
+MAX_BINS = 16384
+# Fine bins kept per histogram: num_bins times the resolution, the resolution the largest whole number that keeps
+# at most this many (16 at the default 2048 bins, 2 at MAX_BINS): 256 KB of int64 counts per tensor at most.
+FINE_BINS = 32768
+# The smallest top. Below it, num_bins / top would overflow float32 and bin indices would wrap around: data
+# whose largest |x| is smaller (subnormal, vanished activations) fills the lowest bins, and its amax is floored.
+MIN_TOP = 2.0 ** -100
 
 
 class Histogram:
-    """Counts of |x| in ``num_bins`` equal bins over ``[0, top]`` (kept ``RESOLUTION`` times finer), plus the
+    """Counts of |x| in ``num_bins`` equal bins over ``[0, top]`` (kept ``resolution`` times finer), plus the
     running absmax and non-finite count."""
 
     def __init__(self, num_bins: int = 2048) -> None:
-        self.fine = np.zeros(num_bins * RESOLUTION, dtype=np.int64)
+        self.resolution = max(1, FINE_BINS // num_bins)
+        self.fine = np.zeros(num_bins * self.resolution, dtype=np.int64)
         self.top = 0.0  # 0 until a non-zero value is seen; a power of two after
         self.amax = 0.0
         self.nonfinite = 0
 
     @property
     def num_bins(self) -> int:
-        return len(self.fine) // RESOLUTION
+        return len(self.fine) // self.resolution
 
     @property
     def counts(self) -> np.ndarray:
         """``num_bins`` counts over ``[0, top]``."""
-        return self.fine.reshape(-1, RESOLUTION).sum(axis=1)
+        return self.fine.reshape(-1, self.resolution).sum(axis=1)
 
     @property
     def total(self) -> int:
@@ -134,7 +143,7 @@ class Histogram:
             return
         if self.top == 0.0:
             # Counts so far are all zeros (bin 0), which stay in bin 0 at any top.
-            self.top = 2.0 ** math.ceil(math.log2(value))
+            self.top = max(2.0 ** math.ceil(math.log2(value)), MIN_TOP)
             while self.top < value:  # log2 may round down just above a power of two
                 self.top *= 2.0
             return

@@ -112,7 +112,7 @@ def kl_divergences(counts: np.ndarray, start: int = START_BIN, levels: int = LEV
     p_last = last + outliers
     body += xlogx(p_last) - p_last * np.log(q_last) - (xlogx(last) - last * np.log(q_last))
     inside = prefix[candidates]
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # total is 0 when every value was 0 (bin 0 replaced)
         kl = body / total + np.log((inside + pseudo * smooth) / total)
     if not smooth:
         kl = np.where(pseudo, np.inf, kl)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qdq.calibrate.histogram import MAX_BINS
 from qdq.calibrate.registry import DEFAULT_METHOD, METHODS
 from qdq.scheme import INT8, Scheme
 
@@ -15,7 +16,7 @@ class CalibrationOptions:
     Attributes:
         method: a name in :data:`qdq.calibrate.registry.METHODS`.
         percentile: for ``percentile``.
-        num_bins: histogram bins for the histogram methods; even, at least 256.
+        num_bins: histogram bins for the histogram methods; even, from 256 to ``MAX_BINS``.
         max_tensors_per_pass: observe at most this many tensors per pass over the data.
         scheme: the quantization scheme the ranges are for (the MSE method measures its rounding).
         workers: local processes, each with its own ONNX Runtime session over a shard of the data (1: in process).
@@ -35,8 +36,8 @@ class CalibrationOptions:
             raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
-        if not isinstance(self.num_bins, int) or self.num_bins < 256 or self.num_bins % 2:
-            raise ValueError(f"num_bins must be an even integer >= 256, got {self.num_bins!r}")
+        if not isinstance(self.num_bins, int) or not 256 <= self.num_bins <= MAX_BINS or self.num_bins % 2:
+            raise ValueError(f"num_bins must be an even integer from 256 to {MAX_BINS}, got {self.num_bins!r}")
         if self.max_tensors_per_pass is not None and (
                 not isinstance(self.max_tensors_per_pass, int) or self.max_tensors_per_pass < 1):
             raise ValueError(f"max_tensors_per_pass must be a positive integer, got {self.max_tensors_per_pass!r}")

@@ -6,6 +6,9 @@ unless the graph says FP16. This pass says so, node by node:
 - Ops whose FP16 results are fragile stay FP32: normalisations, Softmax, reductions, Exp/Log/Pow/Sqrt/Erf, the
   elementwise ops around them (decomposed LayerNorm, GELU) and Adds of masks (-1e4, -inf). Another tool's
   cast-everything default cost 4-13 dB SQNR and broke a sentence encoder (../shared/specs/placement.md).
+- Constants FP16 cannot hold (float32's lowest value, which transformers writes into attention masks, is -inf in
+  FP16) and every node carrying them on to the Softmax stay FP32: a row the mask hides completely would
+  otherwise turn into NaN (seen on the corpus's BERT, T5 and left-padded GPT-2).
 - A Q/DQ pair takes the precision of the layer it feeds: FP16 scales (opset 19) make its DequantizeLinear output
   FP16, so the INT8 layer writes FP16 and no Cast sits between DQ and the layer (which would stop the fusion).
 - Graph inputs and outputs keep their types (Casts at the edges); float32 initializers read in FP16 are stored
@@ -20,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qdq.attention import is_mask_add
 from qdq.graph import GraphIndex, fresh_name, sort_nodes
-from qdq.ops import ARITHMETIC_OPS, FP16_FRAGILE_OPS, QDQ_OPS
+from qdq.ops import ARITHMETIC_OPS, FP16_FRAGILE_OPS, NORMALIZATION_OPS, QDQ_OPS, SOFTMAX_OPS
 from qdq.passes.base import PassResult
 from qdq.passes.opset import UpgradeOpset
 
@@ -28,6 +31,10 @@ FP32, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
 # Fragile ops whose neighbours stay FP32 with them (constants are made by them, not computed near them).
 FP32_CORE_OPS = FP16_FRAGILE_OPS - {"Constant", "ConstantOfShape"}
 FP16_MIN_OPSET = 19  # DequantizeLinear with a float16 scale (and so a float16 output)
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+MASK_CONSTANT_LIMIT = 4096  # elements: a fill value or a precomputed [64, 64] causal mask
+# Ops whose output stays in a small range whatever their input: huge values stop there.
+BOUNDED_OPS = SOFTMAX_OPS | NORMALIZATION_OPS | frozenset({"Sigmoid", "Tanh", "Erf", "HardSigmoid"})
 
 
 class CastToFP16:
@@ -39,7 +46,8 @@ class CastToFP16:
         model = UpgradeOpset(FP16_MIN_OPSET).run(model).model
         types = tensor_types(model)
         links = GraphIndex(model)
-        half = {n.name: wants_fp16(n, links, types) for n in model.graph.node}
+        beyond = beyond_fp16(model, links, types)
+        half = {n.name: wants_fp16(n, links, types) and not beyond.intersection(n.input) for n in model.graph.node}
         settle_qdq(model, half, links)
         kept = sum(1 for n in model.graph.node
                    if n.op_type not in QDQ_OPS and not half[n.name] and float_node(n, types))
@@ -75,6 +83,25 @@ def wants_fp16(node: onnx.NodeProto, links: GraphIndex, types: dict[str, int]) -
     return not (node.op_type == "Add" and is_mask_add(links, node.input, node.output[0]))
 
 
+def beyond_fp16(model: onnx.ModelProto, links: GraphIndex, types: dict[str, int]) -> set[str]:
+    """Float tensors that may hold finite values beyond FP16's range: such constants, then, in graph order, the
+    float outputs of nodes reading them, up to an op whose output is bounded (Softmax, a normalisation)."""
+    beyond = {name for name in links.constants if types.get(name) == FP32 and exceeds_fp16(links, name)}
+    for node in model.graph.node:  # topological order: a tensor is marked before its readers are visited
+        if node.op_type not in BOUNDED_OPS and beyond.intersection(node.input):
+            beyond.update(o for o in node.output if types.get(o) == FP32)
+    return beyond
+
+
+def exceeds_fp16(links: GraphIndex, name: str) -> bool:
+    # Masks and fill values are scalars or at most [seq, seq]; weights are not read (they are never this large).
+    values = links.small_value(name, limit=MASK_CONSTANT_LIMIT)
+    if values is None or values.size == 0:
+        return False
+    finite = np.abs(values[np.isfinite(values)])
+    return finite.size > 0 and float(finite.max()) > FP16_MAX
+
+
 def near_fp32_core(node: onnx.NodeProto, links: GraphIndex) -> bool:
     """An elementwise op reading from or feeding a kept-FP32 op: part of a decomposed LayerNorm or GELU."""
     return any(n.op_type in FP32_CORE_OPS for n in links.neighbours(node))
@@ -89,6 +116,21 @@ def settle_qdq(model: onnx.ModelProto, half: dict[str, bool], links: GraphIndex)
         if node.op_type == "QuantizeLinear":
             half[node.name] = any(half[dq.name] for dq in links.consumers(node.output[0])
                                   if dq.op_type == "DequantizeLinear")
+
+
+def input_slot(node: onnx.NodeProto, index: int, opset: int) -> str:
+    """How input ``index`` of ``node`` is typed: ``float32`` when the op fixes it (Resize's scales), ``own-type``
+    when its type parameter differs from the output's (Resize's roi, Pow's exponent), else ``follows``."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    except onnx.defs.SchemaError:
+        return "follows"
+    if not schema.inputs or not schema.outputs:
+        return "follows"
+    formal = schema.inputs[min(index, len(schema.inputs) - 1)]
+    if formal.type_str == "tensor(float)":
+        return "float32"
+    return "follows" if formal.type_str == schema.outputs[0].type_str else "own-type"
 
 
 def rewrite(model: onnx.ModelProto, half: dict[str, bool], types: dict[str, int]) -> onnx.ModelProto:
@@ -116,13 +158,18 @@ def rewrite(model: onnx.ModelProto, half: dict[str, bool], types: dict[str, int]
         return casts[(name, FP16)]
 
     scale_slots = {"QuantizeLinear": (1,), "DequantizeLinear": (1,)}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), FP16_MIN_OPSET)
     for node in graph.node:
-        wanted = FP16 if half[node.name] else FP32
+        node_wants = FP16 if half[node.name] else FP32
         for i, name in enumerate(node.input):
             if not name or types.get(name) not in (FP32, FP16):
                 continue
             if node.op_type == "DequantizeLinear" and i == 0:
                 continue  # the int8 input
+            slot = "follows" if node.op_type in QDQ_OPS else input_slot(node, i, opset)
+            if slot == "own-type" and name in initializers:
+                continue  # e.g. Resize's roi: any float type, independent of the data; leave the constant as is
+            wanted = FP32 if slot == "float32" else node_wants
             current = FP16 if name in produced_half else types[name]
             if i in scale_slots.get(node.op_type, ()) or current != wanted:
                 if name in initializers and wanted == FP16:

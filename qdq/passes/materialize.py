@@ -11,7 +11,7 @@ from qdq.graph import export_model, fresh_name, import_graph
 from qdq.passes.base import PassResult
 from qdq.placement.plan import QuantPlan
 from qdq.ranges import TensorRanges
-from qdq.scheme import INT8, Scheme, weight_amax
+from qdq.scheme import INT8, Scheme, bounds_note, weight_amax
 
 
 class MaterializeQDQ:
@@ -39,8 +39,10 @@ class MaterializeQDQ:
         nodes = {node.name: node for node in graph.nodes}
         writer = QdqWriter(graph, self.scheme, taken=set(tensors) | set(nodes))
         for name, uses in activations.items():
-            doc = (f"activation, per tensor: amax={self.ranges.amax[name]!r} ({self.ranges.source(name)}), "
-                   f"scale=amax/{self.scheme.qmax:g}")
+            amax = self.ranges.amax[name]
+            bounded = bounds_note(self.scheme, amax)
+            chosen = self.ranges.source(name) + (f", {bounded}" if bounded else "")
+            doc = f"activation, per tensor: amax={amax!r} ({chosen}), scale=amax/{self.scheme.qmax:g}"
             dq = writer.pair(tensors[name], np.float32(self.ranges.scale(name, self.scheme)), axis=None, doc=doc)
             rewire(nodes, uses, dq)
         for (name, axis), uses in self.plan.weights().items():

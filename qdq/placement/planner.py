@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from qdq.errors import PlacementError
 from qdq.graph import GraphIndex, import_graph, is_constant, is_float32
-from qdq.ops import ALREADY_QUANTIZED_OPS
+from qdq.ops import ALREADY_QUANTIZED_OPS, WEIGHTED_OPS
 from qdq.placement.neighbourhood import concat_scale_groups, quantize_pooling, quantize_residual_adds
 from qdq.placement.plan import Decision, QuantPlan
 from qdq.placement.rules import RULES, PlanContext, keep_float
@@ -25,6 +25,7 @@ class PlacementOptions:
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     include_op_types: tuple[str, ...] = ()
+    scheme: str = "int8"
 
 
 def plan_quantization(model: onnx.ModelProto, options: PlacementOptions | None = None) -> QuantPlan:
@@ -55,8 +56,21 @@ def plan_quantization(model: onnx.ModelProto, options: PlacementOptions | None =
         decisions[node.name] = decision or keep_float(node, ctx)
     quantize_residual_adds(graph, decisions, ctx, excluded)
     quantize_pooling(graph, decisions, ctx, excluded)
+    if options.scheme != "int8":
+        keep_to_weighted_ops(decisions)
     groups = concat_scale_groups(graph, decisions, excluded)
     return QuantPlan(tuple(decisions[node.name] for node in graph.nodes), shared_scales=groups)
+
+
+def keep_to_weighted_ops(decisions: dict[str, Decision]) -> None:
+    """[TRT] FP8 runs in convolution and GEMM kernels only: other ops (included by the user) stay float.
+
+    Residual Adds and pooling are not quantized either: their INT8 fusions have no FP8 counterpart.
+    """
+    for name, decision in decisions.items():
+        if decision.quantized and decision.op not in WEIGHTED_OPS:
+            decisions[name] = Decision(name, decision.op, False, "fp8-gemm-only",
+                                       "FP8: TensorRT runs FP8 in Conv, ConvTranspose, Gemm and MatMul only")
 
 
 def exclusion(node: gs.Node, patterns: list[tuple[str, re.Pattern]], op_types: tuple[str, ...]) -> str | None:

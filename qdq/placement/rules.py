@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from qdq.attention import feeds_softmax, from_softmax, mask_like
 from qdq.graph import GraphIndex, is_constant
-from qdq.ops import POOLING_OPS, WEIGHTED_OPS, output_channel_axis
+from qdq.ops import FUSED_ATTENTION_OPS, POOLING_OPS, WEIGHTED_OPS, output_channel_axis
 from qdq.placement.graph_view import in_float_region, source_through_copies, static_dims
 from qdq.placement.plan import Decision, QuantInput
 
@@ -156,6 +156,15 @@ def quantize_included_op(node: gs.Node, ctx: PlanContext) -> Decision | None:
                     reason=f"{node.op}: included by --include-op-types", inputs=tuple(floats))
 
 
+def fused_attention(node: gs.Node, ctx: PlanContext) -> Decision | None:
+    """A whole attention in one op (ONNX's Attention): its products run inside it, so there is no MatMul to
+    quantize; the projections around it are quantized as weighted ops. Said here so that explain gives a reason."""
+    if node.op not in FUSED_ATTENTION_OPS:
+        return None
+    return decline(node, "attention", f"{node.op} op: Q·Kᵀ, Softmax and attention·V run inside the op (TensorRT's "
+                   "attention layer), no MatMul to quantize")
+
+
 def keep_float(node: gs.Node, ctx: PlanContext) -> Decision:
     """The fallback: ops that are not quantized by default run in float."""
     if region := in_float_region(node):
@@ -171,4 +180,4 @@ def weight_axis(node: gs.Node, slot: int, rank: int) -> int | None:
                                group=int(node.attrs.get("group", 1)))
 
 
-RULES: tuple[Rule, ...] = (quantize_weighted_op, quantize_included_op)
+RULES: tuple[Rule, ...] = (quantize_weighted_op, quantize_included_op, fused_attention)

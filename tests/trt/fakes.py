@@ -275,6 +275,9 @@ def make_tensorrt(state: FakeState) -> types.ModuleType:
             return None if "deserialize" in state.fail else Engine()
 
     trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
+    # For tests that make each call raise in turn (not part of TensorRT's API).
+    trt._fake_classes = (Builder, OnnxParser, Runtime, Network, Tensor, Config, Profile, TimingCache, Engine, Context,
+                         Inspector)
     return trt
 
 
