@@ -326,3 +326,15 @@ def test_auto_says_which_method_chose_each_range(tmp_path, capsys):
     assert docs and all("(auto: " in d for d in docs), docs
     assert main(["explain", str(DIGITS / "digits.onnx"), "--method", "auto"]) == 0
     assert "activation ranges: --method auto: per tensor" in capsys.readouterr().out
+
+
+def test_histogram_pickles_small_and_exact(rng):
+    import pickle
+
+    h = histogram(rng.laplace(0, 1, 200_000))
+    back = pickle.loads(pickle.dumps(h))
+    np.testing.assert_array_equal(back.fine, h.fine)
+    assert (back.top, back.amax, back.nonfinite, back.num_bins) == (h.top, h.amax, h.nonfinite, h.num_bins)
+    assert len(pickle.dumps(h)) < h.fine.nbytes / 4, "counts are narrowed, trimmed and compressed"
+    empty = pickle.loads(pickle.dumps(Histogram(512)))
+    assert empty.total == 0 and empty.num_bins == 512
