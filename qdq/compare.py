@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from tokenize import TokenError
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
 from qdq.calibrate.data import Dataset
-from qdq.errors import DataError
+from qdq.calibrate.npz import read_members
+from qdq.errors import DataError, shown
+from qdq.files import regular_file
 from qdq.graph import GraphIndex
 from qdq.model_io import first_line
 from qdq.runtime import Session, make_session, quantized_session, session_exposing
@@ -217,18 +220,29 @@ def class_predictions(output: np.ndarray) -> np.ndarray:
     return output.reshape(-1, output.shape[-1]).argmax(-1) if output.ndim else output.reshape(1)
 
 
+LABELS_BYTES_LIMIT = 1 << 30  # labels are one integer a sample: more is a damaged or hostile file
+
+
 def load_labels(path: str | os.PathLike[str]) -> np.ndarray:
-    """Integer class labels from a ``.npy`` file (or the only array of an ``.npz``), as a 1-D array."""
-    path = Path(path)
+    """Integer class labels from a ``.npy`` file (or the only array of an ``.npz``), as a 1-D array.
+
+    A FIFO or device is refused unopened; an ``.npz`` member's declared size is checked before it is inflated.
+    """
+    path = regular_file(path, "labels")
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read labels ({first_line(exc)})") from exc
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            if len(loaded.files) != 1:
-                raise DataError(f"{path}: expected one labels array, found {loaded.files}")
-            loaded = loaded[loaded.files[0]]
+        if zipfile.is_zipfile(path):
+            members = read_members(path)
+            if len(members) != 1:
+                raise DataError(f"{path}: expected one labels array, found {sorted(map(shown, members))}")
+            if (member := next(iter(members.values()))).nbytes > LABELS_BYTES_LIMIT:
+                raise DataError(f"{path}: the labels array declares {member.nbytes / 2**30:.3g} GiB; qdq's limit is "
+                                f"{LABELS_BYTES_LIMIT / 2**30:g} GiB")
+            with np.load(path, allow_pickle=False) as archive:
+                loaded = archive[archive.files[0]]
+        else:
+            loaded = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError, EOFError, SyntaxError, TokenError, RecursionError, MemoryError, TypeError) as exc:
+        raise DataError(f"{path}: cannot read labels ({type(exc).__name__}: {first_line(exc)[:200]})") from exc
     if not np.issubdtype(loaded.dtype, np.integer):
         raise DataError(f"{path}: labels must be integer class indices, found {loaded.dtype}")
-    return loaded.reshape(-1)
+    return np.array(loaded).reshape(-1)

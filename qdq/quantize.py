@@ -21,13 +21,14 @@ from qdq.check import check_model
 from qdq.compare import Comparison, compare_models
 from qdq.config import QuantizeConfig
 from qdq.errors import ArgumentError, CalibrationError, DataError, ModelError, OutputError, shown
+from qdq.graph import structure_only
 from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.ops import CONTROL_FLOW_OPS, WEIGHTED_OPS
 from qdq.passes.base import run_passes
 from qdq.passes.fold_batchnorm import FoldBatchNorm
 from qdq.passes.fold_constants import FoldConstants
-from qdq.passes.high_precision import CastToFP16
+from qdq.passes.high_precision import FP16_MIN_OPSET, CastToFP16
 from qdq.passes.identities import RemoveIdentities
 from qdq.passes.materialize import MaterializeQDQ
 from qdq.passes.names import NameNodes
@@ -117,7 +118,7 @@ def quantize(
     source = load_model(model)
     scheme = config.quant_scheme()
     prepared, notes = prepare(source, scheme)
-    float_session = input_session(prepared, model)
+    check_loads(prepared, model)
     note_constant_inputs(source, notes)
     specs = input_specs(prepared)
     calibration = None if calibration_data is None else open_data(calibration_data, specs, config.batch_size)
@@ -135,20 +136,22 @@ def quantize(
         warn_unknown_names(ranges, source)
     used = plan_ranges(prepared, plan, calibration, config, ranges, notes, progress=progress)
     if config.target_sqnr is not None or config.max_top1_drop is not None:
-        plan, used = meet_target(prepared, plan, used, evaluation, float_session, config, notes, progress=progress)
+        plan, used, float_session = meet_target(prepared, plan, used, evaluation, config, notes, progress=progress)
+    else:
+        float_session = None
 
     check_weights(prepared, plan)
     note_bounds(used, scheme, notes)
-    quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme).run(prepared).model
+    quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme)(prepared).model
     if config.high_precision == "fp16":
-        quantized, fp16_notes = run_passes(quantized, [CastToFP16()])
+        quantized, fp16_notes = run_passes(quantized, [UpgradeOpset(FP16_MIN_OPSET), CastToFP16()])
         notes.extend(fp16_notes)
     report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(used), len(plan.weights()),
                     tuple(notes), scheme=config.scheme)
     stamp_metadata(quantized, config, report, used, plan)
     check_quantized(quantized)
     comparison = None if evaluation is None else compare_models(
-        float_session, quantized, evaluation, labels, progress=progress)
+        float_session or prepared, quantized, evaluation, labels, progress=progress)
     report = dataclasses.replace(report, comparison=comparison, seconds=time.perf_counter() - started)
     return QuantizeResult(quantized, used, plan, report)
 
@@ -163,19 +166,23 @@ def calibrate(
     """The ranges ``quantize`` would use for ``model`` on this data, without inserting Q/DQ (for range files)."""
     config = checked_config(config)
     prepared, notes = prepare(load_model(model), config.quant_scheme())
-    input_session(prepared, model)
+    check_loads(prepared, model)
     calibration = open_data(calibration_data, input_specs(prepared), config.batch_size)
     plan = plan_quantization(prepared, config.placement())
     return plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
 
 
 def meet_target(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, evaluation: Dataset | None,
-                float_session: Session, config: QuantizeConfig, notes: list[str], *, progress: bool
-                ) -> tuple[QuantPlan, TensorRanges]:
-    """Leave the most sensitive layers float until the target SQNR or top-1 drop is met."""
+                config: QuantizeConfig, notes: list[str], *, progress: bool
+                ) -> tuple[QuantPlan, TensorRanges, Session]:
+    """Leave the most sensitive layers float until the target SQNR or top-1 drop is met.
+
+    Also returns the float model's session, which the final comparison reuses.
+    """
     goal = Goal(config.target_sqnr, config.max_top1_drop)
     if evaluation is None:
         raise DataError(f"a target ({goal}) needs evaluation data to measure it on (--eval, or evaluation_data)")
+    float_session = make_session(model, what="the float model")
     evaluator = Evaluator(model, ranges, evaluation, float_session, config.weights, config.quant_scheme())
     result = fall_back(plan, evaluator, goal, progress=progress)
     if result.left_float:
@@ -186,7 +193,7 @@ def meet_target(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, e
     if not result.met:
         notes.append(f"target ({goal}) not reached: {result.after} with every layer float")
         log.warning("%s", notes[-1])
-    return result.plan, ranges.subset(result.plan.activation_names())
+    return result.plan, ranges.subset(result.plan.activation_names()), float_session
 
 
 def sensitivity(
@@ -200,13 +207,13 @@ def sensitivity(
     """Rank the layers ``quantize`` would quantize by the output SQNR they cost (one at a time, and all but one)."""
     config = checked_config(config)
     prepared, notes = prepare(load_model(model), config.quant_scheme())
-    float_session = input_session(prepared, model)
+    check_loads(prepared, model)
     specs = input_specs(prepared)
     calibration = open_data(calibration_data, specs, config.batch_size)
     evaluation = open_data(evaluation_data, specs, config.batch_size)
     plan = plan_quantization(prepared, config.placement())
     ranges = plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
-    evaluator = Evaluator(prepared, ranges, evaluation, float_session,
+    evaluator = Evaluator(prepared, ranges, evaluation, make_session(prepared, what="the float model"),
                           config.weights, config.quant_scheme())
     return layer_sensitivity(plan, evaluator, progress=progress)
 
@@ -237,10 +244,13 @@ def checked_config(config: object) -> QuantizeConfig:
     return config
 
 
-def input_session(prepared: onnx.ModelProto, model: object) -> Session:
-    """A session of the float model, made first: an opset or op ONNX Runtime lacks is the input's problem."""
+def check_loads(prepared: onnx.ModelProto, model: object) -> None:
+    """ONNX Runtime must load the float model before any work: an opset or op it lacks is the input's problem.
+
+    Loaded without its large weights (they become inputs) and unoptimised: a check, not a session to keep.
+    """
     where = f"the input model {model}" if isinstance(model, str | os.PathLike) else "the input model"
-    return make_session(prepared, what=f"{where} (before quantization)")
+    make_session(structure_only(prepared), optimize=False, what=f"{where} (before quantization)")
 
 
 def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | None, config: QuantizeConfig,
@@ -298,7 +308,7 @@ def describe_missing(missing: list[str], known: TensorRanges) -> str:
     parts = []
     for name in missing[:5]:
         near = difflib.get_close_matches(name, list(known), n=1)
-        parts.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        parts.append(shown(name) + (f" (did you mean {shown(near[0])}?)" if near else ""))
     return ", ".join(parts) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
 
 
@@ -330,7 +340,7 @@ def check_quantized(model: onnx.ModelProto) -> None:
     """The output must pass ONNX's full check, TensorRT's rules, and load in ONNX Runtime; else it is qdq's bug."""
     try:
         check_in_memory(model, full=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise OutputError(f"the quantized model fails the ONNX checker: {first_line(exc)}") from exc
     findings = check_model(model)
     if errors := [f for f in findings if f.severity == "error"]:

@@ -76,7 +76,7 @@ class Evaluator:
 
     def metrics(self, plan: QuantPlan) -> OutputMetrics:
         ranges = self.ranges.subset(plan.activation_names())
-        quantized = MaterializeQDQ(plan, ranges, weights=self.weights, scheme=self.scheme).run(self.model).model
+        quantized = MaterializeQDQ(plan, ranges, weights=self.weights, scheme=self.scheme)(self.model).model
         return compare_models(self.float_session, quantized, self.data).outputs[0]
 
 

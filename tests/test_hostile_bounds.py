@@ -118,3 +118,15 @@ def test_a_corrupt_npy_header_is_one_data_error(tmp_path, header):
         stream.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header)
     with pytest.raises(DataError, match="unreadable .npy header"):
         open_data(tmp_path / "bad.npz", [InputSpec("x", np.dtype(np.float32), ("N", 4))])
+
+
+def test_labels_from_the_api_refuse_a_fifo_and_a_corrupt_header(tmp_path):
+    from qdq.compare import load_labels
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match="FIFO"):
+        load_labels(tmp_path / "pipe")
+    header = b"{'descr': '<i8', 'fo"
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header)
+    with pytest.raises(DataError, match="cannot read labels"):
+        load_labels(tmp_path / "bad.npy")

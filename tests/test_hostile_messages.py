@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -132,3 +133,19 @@ def test_view_on_a_missing_file_is_exit_1_and_a_bad_port_exit_2(tmp_path, capsys
     assert code == 1 and "no such file" in err
     code, _, err = run(capsys, "view", DIGITS / "digits.onnx", "--port", "70000")
     assert code == 2 and "between 1 and 65535" in err
+
+
+def test_numpy_warnings_stay_off_stderr(capsys, monkeypatch):
+    import qdq.commands
+
+    real = qdq.commands.load_model
+
+    def load_noisily(path):
+        np.log(np.zeros(1, np.float32))  # RuntimeWarning: divide by zero
+        return real(path)
+
+    monkeypatch.setattr(qdq.commands, "load_model", load_noisily)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that reached the default handling would fail the command
+        code, _, err = run(capsys, "inspect", DIGITS / "digits.onnx")
+    assert code == 0 and "RuntimeWarning" not in err, err

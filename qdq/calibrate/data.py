@@ -194,10 +194,17 @@ def check_names(where: str, present: Iterable[str], specs: list[InputSpec]) -> N
     names = {s.name for s in specs}
     present = set(present)
     if missing := sorted(names - present):
-        raise DataError(f"{where}: no array for model input {missing[0]!r} "
-                        f"(model inputs: {', '.join(sorted(names))}; found: {', '.join(sorted(present)) or 'none'})")
+        raise DataError(f"{where}: no array for model input {shown(missing[0])} (model inputs: {listed(names)}; "
+                        f"found: {listed(present) or 'none'})")
     if extra := sorted(present - names):
-        raise DataError(f"{where}: array {extra[0]!r} is not a model input (model inputs: {', '.join(sorted(names))})")
+        raise DataError(f"{where}: array {shown(extra[0])} is not a model input (model inputs: {listed(names)})")
+
+
+def listed(names: Iterable[str], limit: int = 10) -> str:
+    """Names for a message: quoted, escaped, at most ``limit`` of them."""
+    ordered = sorted(names)
+    more = f" and {len(ordered) - limit} more" if len(ordered) > limit else ""
+    return ", ".join(map(shown, ordered[:limit])) + more
 
 
 def check_array(where: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, ...], *, leading: int) -> None:
@@ -207,7 +214,7 @@ def check_array(where: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, 
     for stacked whole inputs (the stacking axis comes on top of the input's own shape).
     """
     if dtype != spec.dtype:
-        raise DataError(f"{where}: input {spec.name!r} is {dtype}, the model expects {spec.dtype} "
+        raise DataError(f"{where}: input {shown(spec.name)} is {dtype}, the model expects {spec.dtype} "
                         f"({conversion_hint(spec.dtype)})")
     if spec.shape is None:
         return
@@ -216,7 +223,8 @@ def check_array(where: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, 
     mismatch = (leading == 0 and len(own) != len(spec.shape)) or len(own) != len(expected) or any(
         isinstance(e, int) and e > 0 and e != s for s, e in zip(own, expected, strict=True))
     if mismatch:
-        raise DataError(f"{where}: input {spec.name!r} has shape {list(shape)}, the model expects {spec.describe()}")
+        raise DataError(f"{where}: input {shown(spec.name)} has shape {list(shape)}, the model expects "
+                        f"{spec.describe()}")
 
 
 def conversion_hint(dtype: np.dtype) -> str:
@@ -238,7 +246,7 @@ def check_layout(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]
         dtype, shape = meta[spec.name]
         rank = None if spec.shape is None else len(spec.shape)
         if rank is not None and len(shape) not in (rank, rank + 1):
-            raise DataError(f"{where}: input {spec.name!r} has shape {list(shape)}, expected {spec.describe()} "
+            raise DataError(f"{where}: input {shown(spec.name)} has shape {list(shape)}, expected {spec.describe()} "
                             f"(samples along the batch axis) or one more leading axis stacking such inputs")
         if not shape and rank == 0:
             raise DataError(f"{where}: input {shown(spec.name)} is a scalar: stack its samples along a first axis, "

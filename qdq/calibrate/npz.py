@@ -88,7 +88,7 @@ def _header(path: Path, key: str, stream) -> Member:
     except (ValueError, EOFError, SyntaxError, TokenError, RecursionError, MemoryError, TypeError) as exc:
         raise DataError(f"{path}: array {shown(key)} has an unreadable .npy header ({type(exc).__name__})") from exc
     if dtype.hasobject:
-        raise DataError(f"{path}: array {key!r} holds Python objects (pickle); qdq reads numeric arrays only")
+        raise DataError(f"{path}: array {shown(key)} holds Python objects (pickle); qdq reads numeric arrays only")
     return Member(key, dtype, tuple(shape), fortran)
 
 
@@ -97,5 +97,5 @@ def _read(path: Path, stream, head: Member, count: int) -> np.ndarray:
     nbytes = count * math.prod(row_shape) * head.dtype.itemsize
     buffer = stream.read(nbytes)
     if len(buffer) != nbytes:
-        raise DataError(f"{path}: array {head.key!r} is truncated")
+        raise DataError(f"{path}: array {shown(head.key)} is truncated")
     return np.frombuffer(buffer, dtype=head.dtype).reshape((count, *row_shape)).copy()

@@ -12,10 +12,10 @@ import onnx_graphsurgeon as gs
 
 from qdq.graph import export_model, import_graph, is_constant
 from qdq.ops import BATCHNORM_FOLD_TARGETS
-from qdq.passes.base import PassResult
+from qdq.passes.base import Pass, PassResult
 
 
-class FoldBatchNorm:
+class FoldBatchNorm(Pass):
     """``y = γ·(conv(x) − μ)/√(σ² + ε) + β`` becomes a conv with scaled weights and a new bias.
 
     Applies when the BatchNorm is in inference mode with constant parameters, its input is produced by a
@@ -23,6 +23,7 @@ class FoldBatchNorm:
     """
 
     name = "fold-batchnorm"
+    in_place = False
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         graph = import_graph(model)

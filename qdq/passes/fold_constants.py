@@ -7,10 +7,10 @@ import onnxruntime as ort
 
 from qdq.graph import export_model, import_graph, tensor_bytes
 from qdq.model_io import EXTERNAL_DATA_THRESHOLD
-from qdq.passes.base import PassResult
+from qdq.passes.base import Pass, PassResult
 
 
-class FoldConstants:
+class FoldConstants(Pass):
     """Evaluate every node whose inputs are all constant (graphsurgeon, on ONNX Runtime) and drop dead nodes.
 
     Weight quantization needs the weights as initializers: exporters often compute them (transposes, casts
@@ -18,6 +18,7 @@ class FoldConstants:
     """
 
     name = "fold-constants"
+    in_place = False
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         if sum(tensor_bytes(i) for i in model.graph.initializer) >= EXTERNAL_DATA_THRESHOLD:

@@ -22,10 +22,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qdq.attention import is_mask_add
-from qdq.graph import GraphIndex, fresh_name, sort_nodes
+from qdq.graph import GraphIndex, default_opset, fresh_name, sort_nodes
 from qdq.ops import ARITHMETIC_OPS, FP16_FRAGILE_OPS, NORMALIZATION_OPS, QDQ_OPS, SOFTMAX_OPS
-from qdq.passes.base import PassResult
-from qdq.passes.opset import UpgradeOpset
+from qdq.passes.base import Pass, PassError, PassResult
 
 FP32, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
 # Fragile ops whose neighbours stay FP32 with them (constants are made by them, not computed near them).
@@ -37,13 +36,18 @@ MASK_CONSTANT_LIMIT = 4096  # elements: a fill value or a precomputed [64, 64] c
 BOUNDED_OPS = SOFTMAX_OPS | NORMALIZATION_OPS | frozenset({"Sigmoid", "Tanh", "Erf", "HardSigmoid"})
 
 
-class CastToFP16:
+class CastToFP16(Pass):
     """Run the non-quantized float parts of the graph in FP16, keeping sensitive ops in FP32 (see the module)."""
 
     name = "high-precision-fp16"
+    in_place = True
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        if default_opset(model) < FP16_MIN_OPSET:
+            raise PassError(f"pass {self.name}: float16 Q/DQ scales need opset {FP16_MIN_OPSET}, the model has "
+                            f"{default_opset(model)}; run UpgradeOpset({FP16_MIN_OPSET}) before it")
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        model = UpgradeOpset(FP16_MIN_OPSET).run(model).model
         types = tensor_types(model)
         links = GraphIndex(model)
         beyond = beyond_fp16(model, links, types)
@@ -120,7 +124,8 @@ def settle_qdq(model: onnx.ModelProto, half: dict[str, bool], links: GraphIndex)
 
 def input_slot(node: onnx.NodeProto, index: int, opset: int) -> str:
     """How input ``index`` of ``node`` is typed: ``float32`` when the op fixes it (Resize's scales), ``own-type``
-    when its type parameter differs from the output's (Resize's roi, Pow's exponent), else ``follows``."""
+    when its type parameter differs from the output's and the data input's (Resize's roi, Pow's exponent), else
+    ``follows``. A comparison's inputs share one type (Equal's A and B; its output is bool): they follow."""
     try:
         schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
     except onnx.defs.SchemaError:
@@ -130,7 +135,8 @@ def input_slot(node: onnx.NodeProto, index: int, opset: int) -> str:
     formal = schema.inputs[min(index, len(schema.inputs) - 1)]
     if formal.type_str == "tensor(float)":
         return "float32"
-    return "follows" if formal.type_str == schema.outputs[0].type_str else "own-type"
+    shared = (schema.outputs[0].type_str, schema.inputs[0].type_str)
+    return "follows" if formal.type_str in shared else "own-type"
 
 
 def rewrite(model: onnx.ModelProto, half: dict[str, bool], types: dict[str, int]) -> onnx.ModelProto:

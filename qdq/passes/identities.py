@@ -5,10 +5,10 @@ from __future__ import annotations
 import onnx
 
 from qdq.graph import export_model, import_graph
-from qdq.passes.base import PassResult
+from qdq.passes.base import Pass, PassResult
 
 
-class RemoveIdentities:
+class RemoveIdentities(Pass):
     """Rewire the consumers of Identity/Dropout to the node's input, so placement sees the real producer.
 
     A node whose output is a graph output stays (removing it would rename the output). A Dropout in training
@@ -16,6 +16,7 @@ class RemoveIdentities:
     """
 
     name = "remove-identities"
+    in_place = False
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         graph = import_graph(model)

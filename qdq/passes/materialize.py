@@ -6,15 +6,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qdq.errors import CalibrationError
+from qdq.check import check_model
+from qdq.errors import CalibrationError, OutputError
 from qdq.graph import export_model, fresh_name, import_graph
-from qdq.passes.base import PassResult
+from qdq.passes.base import Pass, PassResult
 from qdq.placement.plan import QuantPlan
 from qdq.ranges import TensorRanges
 from qdq.scheme import INT8, Scheme, bounds_note, weight_amax
 
 
-class MaterializeQDQ:
+class MaterializeQDQ(Pass):
     """Insert one Q/DQ pair per planned activation and one per planned (weight, axis); rewire the planned inputs.
 
     Precondition: every planned activation has a range. The scheme (INT8 by default) gives the element type,
@@ -24,16 +25,25 @@ class MaterializeQDQ:
     """
 
     name = "materialize-qdq"
+    in_place = False
 
     def __init__(self, plan: QuantPlan, ranges: TensorRanges, *, weights: str = "int8",
                  scheme: Scheme = INT8) -> None:
         self.plan, self.ranges, self.weights, self.scheme = plan, ranges, weights, scheme
 
-    def run(self, model: onnx.ModelProto) -> PassResult:
-        activations = self.plan.activations()
-        if missing := sorted(set(activations) - self.ranges.names()):
+    def requires(self, model: onnx.ModelProto) -> None:
+        if missing := sorted(set(self.plan.activations()) - self.ranges.names()):
             raise CalibrationError(f"no range for {len(missing)} tensors to quantize, e.g. {missing[:3]}: "
                                    "calibrate with data or give a range file that covers them")
+
+    def ensures(self, model: onnx.ModelProto) -> None:
+        """What was written must pass TensorRT's rules (``qdq check``): a failure here is qdq's bug."""
+        if errors := [f for f in check_model(model) if f.severity == "error"]:
+            raise OutputError(f"pass {self.name} wrote Q/DQ that break {len(errors)} TensorRT rules (a qdq bug, "
+                              "please report): " + "; ".join(map(str, errors[:3])))
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        activations = self.plan.activations()
         graph = import_graph(model)
         tensors = graph.tensors()
         nodes = {node.name: node for node in graph.nodes}

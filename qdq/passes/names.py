@@ -5,13 +5,14 @@ from __future__ import annotations
 import onnx
 
 from qdq.graph import fresh_name
-from qdq.passes.base import PassResult
+from qdq.passes.base import Pass, PassResult
 
 
-class NameNodes:
+class NameNodes(Pass):
     """Name unnamed or duplicated nodes ``<OpType>_<first output>``, which does not depend on node order."""
 
     name = "name-nodes"
+    in_place = True
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         nodes = model.graph.node

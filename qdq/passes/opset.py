@@ -8,17 +8,18 @@ from onnx import version_converter
 from qdq.errors import ModelError
 from qdq.graph import default_opset, restore_weights, structure_only
 from qdq.model_io import first_line
-from qdq.passes.base import PassResult
+from qdq.passes.base import Pass, PassResult
 
 MIN_OPSET = 13
 # ONNX's versioning table: opset 13 came with IR version 7.
 MIN_IR_FOR_OPSET_13 = 7
 
 
-class UpgradeOpset:
+class UpgradeOpset(Pass):
     """Convert a model below opset 13 with ONNX's version converter, and say so."""
 
     name = "upgrade-opset"
+    in_place = False
 
     def __init__(self, minimum: int = MIN_OPSET) -> None:
         self.minimum = minimum

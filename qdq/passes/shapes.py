@@ -6,10 +6,10 @@ import onnx
 
 from qdq.graph import structure_only
 from qdq.model_io import first_line
-from qdq.passes.base import PassResult
+from qdq.passes.base import Pass, PassResult
 
 
-class InferShapes:
+class InferShapes(Pass):
     """Annotate intermediate tensors with dtypes and shapes where ONNX can infer them.
 
     Inference that fails is not fatal: real exports often defeat it, and qdq learns dtypes it still
@@ -17,6 +17,7 @@ class InferShapes:
     """
 
     name = "infer-shapes"
+    in_place = True
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         try:

@@ -1,0 +1,163 @@
+"""Each prepare pass on its own, and the pass contract (in place or not, pre/postconditions, pipelines)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from conftest import nodes_by_op, parse, run_ort, with_random_weights
+from test_quantize_graphs import GEMM
+
+from qdq.errors import CalibrationError
+from qdq.graph import default_opset
+from qdq.passes.base import Pass, PassError, PassResult, Pipeline, run_passes
+from qdq.passes.fold_batchnorm import FoldBatchNorm
+from qdq.passes.fold_constants import FoldConstants
+from qdq.passes.high_precision import CastToFP16
+from qdq.passes.identities import RemoveIdentities
+from qdq.passes.materialize import MaterializeQDQ
+from qdq.passes.names import NameNodes
+from qdq.passes.opset import UpgradeOpset
+from qdq.passes.shapes import InferShapes
+from qdq.placement import plan_quantization
+from qdq.ranges import TensorRanges
+
+CONV_BN = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[2, 4, 6, 6] x) => (float[2, 8, 6, 6] y)
+<float[8, 4, 3, 3] w = {0.0}, float[8] b = {0.0}, float[8] gamma = {0.0}, float[8] beta = {0.0},
+ float[8] mean = {0.0}, float[8] var = {0.0}> {
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    y = BatchNormalization <epsilon = 0.001> (c, gamma, beta, mean, var)
+}
+"""
+
+# The weight is computed: a Constant transposed (as exporters write a Linear's weight).
+COMPUTED_WEIGHT = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[3, 4] x) => (float[3, 2] y) {
+    wt = Constant <value = float[2, 4] {1, 2, 3, 4, 5, 6, 7, 8}> ()
+    w = Transpose <perm = [1, 0]> (wt)
+    y = MatMul (x, w)
+}
+"""
+
+IDENTITIES = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[3, 4] x) => (float[3, 4] y, float[3, 4] z) {
+    a = Identity (x)
+    b, m = Dropout (a)
+    c = Relu (b)
+    y = Identity (c)
+    z = Sigmoid (c)
+}
+"""
+
+OLD_OPSET = """
+<ir_version: 6, opset_import: ["" : 11]>
+g (float[2, 3] x) => (float[2, 3] y) {
+    s = Relu (x)
+    y = Softmax <axis = 1> (s)
+}
+"""
+
+UNNAMED = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[2, 3] x) => (float[2, 3] y) {
+    a = Relu (x)
+    y = Sigmoid (a)
+}
+"""
+
+
+def outputs_close(before: onnx.ModelProto, after: onnx.ModelProto, feeds: dict, *, atol: float) -> None:
+    for want, got in zip(run_ort(before, feeds), run_ort(after, feeds), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+
+
+def test_upgrade_opset_converts_and_says_so(rng):
+    model = parse(OLD_OPSET)
+    result = UpgradeOpset()(model)
+    assert default_opset(result.model) == 13 and result.modified
+    assert result.notes == ("opset raised from 11 to 13",)
+    outputs_close(model, result.model, {"x": rng.standard_normal((2, 3)).astype(np.float32)}, atol=1e-6)
+    again = UpgradeOpset()(result.model)
+    assert not again.modified and again.model is result.model, "nothing to do: the same model back"
+    assert not UpgradeOpset.in_place
+
+
+def test_fold_constants_makes_computed_weights_initializers(rng):
+    model = parse(COMPUTED_WEIGHT)
+    result = FoldConstants()(model)
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul"], "the Transpose of a constant is folded"
+    assert len(model.graph.node) == 3, "functional: the input model is untouched"
+    outputs_close(model, result.model, {"x": rng.standard_normal((3, 4)).astype(np.float32)}, atol=1e-5)
+
+
+def test_remove_identities_keeps_graph_outputs(rng):
+    model = parse(IDENTITIES)
+    result = RemoveIdentities()(model)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("Dropout") == 0 and ops.count("Identity") == 1, f"the output's Identity stays: {ops}"
+    outputs_close(model, result.model, {"x": rng.standard_normal((3, 4)).astype(np.float32)}, atol=0)
+
+
+def test_fold_batchnorm_matches_the_unfolded_model(rng):
+    model = with_random_weights(onnx.parser.parse_model(CONV_BN), rng)  # He weights, BatchNorm statistics in [0.5, 1.5]
+    result = FoldBatchNorm()(model)
+    assert nodes_by_op(result.model, "BatchNormalization") == [] and result.modified
+    assert result.notes == ("folded 1 BatchNormalization nodes into the layer before them",)
+    # float32 rounding of the folded weights: the output is a sum of 36 products of magnitude ~1.
+    outputs_close(model, result.model, {"x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32)}, atol=1e-4)
+
+
+def test_fold_batchnorm_leaves_a_shared_conv_output(rng):
+    shared = CONV_BN.replace("float[2, 8, 6, 6] y)", "float[2, 8, 6, 6] y, float[2, 8, 6, 6] c)")
+    result = FoldBatchNorm()(with_random_weights(onnx.parser.parse_model(shared), rng))
+    assert not result.modified, "the Conv's output is also a graph output: folding would change it"
+
+
+def test_infer_shapes_edits_in_place():
+    model = parse(UNNAMED)
+    result = InferShapes()(model)
+    assert result.model is model and InferShapes.in_place
+    assert {v.name for v in model.graph.value_info} == {"a"}
+
+
+def test_name_nodes_names_by_op_and_output():
+    model = parse(UNNAMED)
+    result = NameNodes()(model)
+    assert [n.name for n in result.model.graph.node] == ["Relu_a", "Sigmoid_y"]
+    assert result.notes == ("named 2 unnamed or duplicated nodes",)
+
+
+def test_fp16_pass_requires_opset_19_and_the_pipeline_keeps_the_upgrade_note(rng):
+    model = parse(CONV_BN, rng)
+    with pytest.raises(PassError, match="opset 19"):
+        CastToFP16()(model)
+    _, notes = run_passes(model, [UpgradeOpset(19), CastToFP16()])
+    assert notes[0] == "opset raised from 13 to 19", f"UpgradeOpset's note must reach the user: {notes}"
+
+
+def test_materialize_requires_every_planned_range(rng):
+    model = parse(GEMM, rng)
+    plan = plan_quantization(model)
+    with pytest.raises(CalibrationError, match="no range for 1 tensors"):
+        MaterializeQDQ(plan, TensorRanges({}))(model)
+
+
+class Fails(Pass):
+    name = "fails"
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        raise RuntimeError("boom")
+
+
+def test_pipeline_is_a_pass_and_names_the_failing_pass():
+    inner = Pipeline([NameNodes(), InferShapes()])
+    assert inner.in_place and isinstance(inner, Pass)
+    with pytest.raises(PassError, match=r"pass fails \(after name-nodes\+infer-shapes\) failed: boom"):
+        Pipeline([inner, Fails()])(parse(UNNAMED))
+    result = Pipeline([inner], until_fixed=True)(parse(UNNAMED))
+    assert result.notes == ("named 2 unnamed or duplicated nodes",), "the second round changes nothing"
