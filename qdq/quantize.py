@@ -36,7 +36,7 @@ from qdq.passes.opset import UpgradeOpset
 from qdq.passes.shapes import InferShapes
 from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges, inherit_through_copies
-from qdq.runtime import Session, make_session, quantized_session
+from qdq.runtime import Session, check_qdq_opset, make_session, quantized_session
 from qdq.scheme import INT8, Scheme, bounds_note
 from qdq.sensitivity import Evaluator, Goal, SensitivityReport, fall_back, layer_sensitivity
 
@@ -251,6 +251,7 @@ def check_loads(prepared: onnx.ModelProto, model: object) -> None:
     """
     where = f"the input model {model}" if isinstance(model, str | os.PathLike) else "the input model"
     make_session(structure_only(prepared), optimize=False, what=f"{where} (before quantization)")
+    check_qdq_opset(next((o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")), 13), where)
 
 
 def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | None, config: QuantizeConfig,

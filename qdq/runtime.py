@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -129,3 +131,34 @@ def session_reducing(model: onnx.ModelProto, names: list[str], *, what: str = "t
         return session_exposing(model, outputs, what=what), outputs
     finally:
         del model.graph.node[len(model.graph.node) - len(nodes):]
+
+
+
+def check_qdq_opset(opset: int, where: str) -> None:
+    """ONNX Runtime must run QuantizeLinear/DequantizeLinear at the model's opset, or the output cannot be checked.
+
+    ONNX Runtime can load models of an opset whose QuantizeLinear it has no kernel for (1.32 runs other opset-28
+    ops but not QuantizeLinear-28): said before calibration, not after it.
+    """
+    if not runs_qdq_at(opset):
+        raise ModelError(
+            f"{where} has opset {opset}, at which ONNX Runtime {ort.__version__} cannot run QuantizeLinear/"
+            f"DequantizeLinear, so the quantized model could not be checked; convert the model to a lower opset "
+            f"first (onnx.version_converter.convert_version)")
+
+
+@functools.cache
+def runs_qdq_at(opset: int) -> bool:
+    """Whether ONNX Runtime loads a QuantizeLinear -> DequantizeLinear pair (int8) at ``opset``."""
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(np.array(1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")])
+    try:
+        make_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), optimize=False)
+    except ModelError:
+        return False
+    return True

@@ -6,9 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import parse
 from onnx import helper, numpy_helper
 
 import qdq
+from qdq.errors import ModelError
+from qdq.runtime import runs_qdq_at
 
 
 def weight(rng, name: str, shape: tuple[int, ...], std: float = 0.1) -> onnx.TensorProto:
@@ -97,3 +100,18 @@ def test_paddle_opset_11_is_raised_and_said(rng):
     result = qdq.quantize(model, data)
     assert result.model.opset_import[0].version == 13
     assert "opset raised from 11 to 13" in result.report.notes
+
+
+def test_an_opset_onnx_runtime_cannot_run_qdq_at_is_refused_before_calibration(rng):
+    """ONNX Runtime 1.32 loads opset-28 models but has no QuantizeLinear-28 kernel: found on a corpus export raised
+    to the newest opset. qdq says so up front (no calibration is run only to fail the final check)."""
+    newest = onnx.defs.onnx_opset_version()
+    if runs_qdq_at(newest):
+        pytest.skip(f"this ONNX Runtime runs QuantizeLinear at opset {newest}")
+    model = parse(f"""
+        <ir_version: {onnx.IR_VERSION}, opset_import: ["" : {newest}]>
+        g (float[N, 16, 4, 4] x) => (float[N, 16, 4, 4] y) <float[16, 16, 1, 1] w = {{0.0}}> {{
+            y = Conv (x, w)
+        }}""", rng)
+    with pytest.raises(ModelError, match=f"opset {newest}, at which ONNX Runtime .* cannot run QuantizeLinear"):
+        qdq.quantize(model)  # no data given: the refusal comes before calibration would ask for any

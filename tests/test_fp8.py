@@ -85,3 +85,19 @@ def test_range_files_keep_amax_and_a_cache_stores_int8_scales():
     cache = parse_cache(render_cache(ranges), "model.cache")
     assert np.float32(cache.scale("x", INT8)) == np.float32(4.48 / 127), "a cache stores the INT8 scale"
     assert cache.scale("x", FP8) == pytest.approx(4.48 / 448, rel=1e-6), "FP8 from a cache: amax = scale*127"
+
+
+def test_cli_quantizes_and_checks_fp8(tmp_path):
+    from conftest import DIGITS
+
+    from qdq.cli import main
+
+    out = tmp_path / "digits.fp8.onnx"
+    assert main(["quantize", str(DIGITS / "digits.onnx"), "-o", str(out), "--calib", str(DIGITS / "calib.npz"),
+                 "--scheme", "fp8", "--method", "max", "-q"]) == 0
+    model = onnx.load(str(out))
+    assert default_opset(model) >= 19
+    assert {initializer(model, n.input[2]).dtype for n in nodes_by_op(model, "DequantizeLinear")} == {
+        np.dtype(E4M3)}, "every Q/DQ pair is FP8"
+    assert main(["check", str(out), "-q"]) == 0, "qdq check accepts qdq's FP8 output"
+    assert main(["explain", str(DIGITS / "digits.onnx"), "--scheme", "fp8", "-q"]) == 0

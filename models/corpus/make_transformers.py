@@ -11,6 +11,7 @@ Writes, next to this script, for each model NAME the corpus files (see the corpu
 | bert_minilm     | MiniLM/BERT sentence encoder, eager attention    | TorchScript | 13    | ids, mask, token types |
 | gpt2_causal     | GPT-2 LM, no past key values (use_cache=False)   | dynamo      | 18    | ids, mask              |
 | vit_tiny        | ViT image classifier                             | TorchScript | 17    | pixels                 |
+| swin_tiny       | Swin classifier (shifted windows, relative bias) | TorchScript | 14    | pixels                 |
 | whisper_encoder | Whisper audio encoder on log-mel features        | dynamo      | 27    | mel features           |
 | wav2vec2_audio  | wav2vec2 on raw audio (conv feature stack)       | TorchScript | 17    | waveform               |
 | llama_decoder   | Llama decoder (RMS norm, rotary, GQA, SwiGLU)    | dynamo      | 18    | ids, mask              |
@@ -193,6 +194,23 @@ def vit() -> torch.nn.Module:
     return ViT()
 
 
+def swin() -> torch.nn.Module:
+    from transformers import SwinConfig, SwinForImageClassification
+
+    config = SwinConfig(image_size=32, patch_size=2, num_channels=3, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                        window_size=4, num_labels=10, initializer_range=INIT_STD)
+
+    class Swin(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = SwinForImageClassification(config)
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).logits
+
+    return Swin()
+
+
 def whisper() -> torch.nn.Module:
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -284,6 +302,10 @@ SPECS = {spec.name: spec for spec in [
          "dynamo", 18, {"input_ids": BATCH_AND_SEQUENCE, "attention_mask": BATCH_AND_SEQUENCE}),
     Spec("vit_tiny", "ViT image classifier (Hugging Face ViTForImageClassification): patch Conv, CLS token, "
          "LayerNormalization op (opset 17)", vit, image_inputs, ("logits",), "torchscript", 17,
+         {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}),
+    Spec("swin_tiny", "Swin image classifier (Hugging Face SwinForImageClassification): windowed attention with a "
+         "relative position bias table, shifted windows (roll as Slice+Concat, region mask by Equal and Where "
+         "-100), patch merging", swin, image_inputs, ("logits",), "torchscript", 14,
          {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}),
     Spec("whisper_encoder", "Whisper audio encoder (Hugging Face WhisperEncoder): two Conv1d over log-mel features, "
          "GELU, sinusoidal positions", whisper, mel_inputs, ("last_hidden_state",), "dynamo", 27,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from qdq.calibrate.auto import AUTO_SAMPLES, Recording, choose, first_samples
 from qdq.calibrate.data import Dataset
 from qdq.calibrate.histogram import Histogram
-from qdq.calibrate.observer import OrtObserver
+from qdq.calibrate.observer import OBSERVERS
 from qdq.calibrate.options import CalibrationOptions
 from qdq.calibrate.registry import METHODS, Statistic, method_amax, new_statistic
 from qdq.errors import CalibrationError, DataError
@@ -103,7 +103,7 @@ def chunks(names: list[str], size: int) -> Iterator[list[str]]:
 def observe(model: onnx.ModelProto, names: list[str], data: Dataset, stats: dict[str, Statistic],
             options: CalibrationOptions, *, label: str, progress: bool) -> int:
     """One pass over the data, updating the statistics of ``names``; returns the number of samples seen."""
-    observer = OrtObserver(model, names, extremes=METHODS[options.method].statistic == "absmax")
+    observer = OBSERVERS[options.executor](model, names, extremes=METHODS[options.method].statistic == "absmax")
     samples = runs = 0
     bar = tqdm(total=data.runs(), desc=label, unit="batch", disable=None if progress else True, leave=False)
     # Statistics of batch n are reduced on a worker thread while ORT computes batch n+1 (both release the GIL),

@@ -6,8 +6,10 @@ another class with the same ``observe``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -28,6 +30,12 @@ class Observation:
 
     batch: Batch
     values: list[tuple[str, np.ndarray, bool]]
+
+
+class Observer(Protocol):
+    """Yields, batch by batch, the values of the tensors it was made to watch."""
+
+    def observe(self, data: Dataset) -> Iterator[Observation]: ...
 
 
 class OrtObserver:
@@ -73,3 +81,7 @@ class OrtObserver:
             return [np.stack(values[i:i + 2]) for i in range(0, len(values), 3)]
         self.full = self.full or session_exposing(self.model, self.exposed, what=WHAT)
         return self.full.run(self.exposed, batch.feeds)
+
+
+# Executor name -> observer factory ``(model, names, extremes=...)``: a second executor is one more entry.
+OBSERVERS: Mapping[str, Callable[..., Observer]] = MappingProxyType({"onnxruntime": OrtObserver})

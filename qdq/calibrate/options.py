@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qdq.calibrate.histogram import MAX_BINS
+from qdq.calibrate.observer import OBSERVERS
 from qdq.calibrate.registry import DEFAULT_METHOD, METHODS
 from qdq.scheme import INT8, Scheme
 
@@ -21,6 +22,7 @@ class CalibrationOptions:
         scheme: the quantization scheme the ranges are for (the MSE method measures its rounding).
         workers: local processes, each with its own ONNX Runtime session over a shard of the data (1: in process).
         ray_address: run the shards as Ray tasks: ``"auto"``/``"ray://..."`` for a cluster, ``""`` for a local one.
+        executor: what runs the model to observe it, a name in :data:`qdq.calibrate.observer.OBSERVERS`.
     """
 
     method: str = DEFAULT_METHOD
@@ -30,6 +32,7 @@ class CalibrationOptions:
     scheme: Scheme = field(default=INT8)
     workers: int = 1
     ray_address: str | None = None
+    executor: str = "onnxruntime"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -41,6 +44,8 @@ class CalibrationOptions:
         if self.max_tensors_per_pass is not None and (
                 not isinstance(self.max_tensors_per_pass, int) or self.max_tensors_per_pass < 1):
             raise ValueError(f"max_tensors_per_pass must be a positive integer, got {self.max_tensors_per_pass!r}")
+        if self.executor not in OBSERVERS:
+            raise ValueError(f"executor {self.executor!r} is not one of {', '.join(OBSERVERS)}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
 
