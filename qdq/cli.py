@@ -110,8 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", type=Path, help="float ONNX model")
     add_placement_args(e)
     add_method_args(e)
-    e.add_argument("--scheme", choices=tuple(SCHEMES), default="int8",
-                   help="plan for int8 (default) or fp8 (FP8 quantizes Conv/ConvTranspose/Gemm/MatMul only)")
     e.add_argument("--json", action="store_true", help="print the plan as JSON")
     e.set_defaults(run=run_explain)
 
