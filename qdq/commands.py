@@ -123,13 +123,21 @@ def run_build(args: argparse.Namespace) -> int:
     say_command(trt_plan.trtexec_command(args.model, args.output, trt_version=version, **options))
     from qdq import trt
 
-    result = trt.build_engine(args.model, args.output, **options, quantized_nodes=trt_plan.quantized_node_names(model),
-                              node_order=[n.name for n in model.graph.node])
-    say(result.summary.describe())
-    say(f"wrote {result.engine}")
-    if args.verify:
-        comparison = trt.verify_engine(model, result.engine, args.verify, batch_size=args.batch_size)
-        print_comparison(comparison, f"{args.verify} (TensorRT vs ONNX Runtime)")
+    with RunFiles() as files:
+        files.reads_model(args.model)
+        files.reads(args.verify, "--verify")
+        if args.timing_cache:
+            # A cache is read and rewritten in place (merged, as Polygraphy does): never the engine's path.
+            files.updates(args.timing_cache, "--timing-cache")
+        engine = files.writes(args.output, "-o")
+        result = trt.build_engine(args.model, engine, **options,
+                                  quantized_nodes=trt_plan.quantized_node_names(model),
+                                  node_order=[n.name for n in model.graph.node])
+        say(result.summary.describe())
+        if args.verify:
+            comparison = trt.verify_engine(model, result.engine, args.verify, batch_size=args.batch_size)
+            print_comparison(comparison, f"{args.verify} (TensorRT vs ONNX Runtime)")
+    say(f"wrote {args.output}")
     return 0
 
 

@@ -120,5 +120,9 @@ class QuantizeConfig:
                                 scheme=self.scheme)
 
     def to_json(self) -> str:
-        """The options as compact, key-sorted JSON (recorded in the output model's metadata)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        """The options as compact, key-sorted JSON (recorded in the output model's metadata).
+
+        Where calibration ran (``workers``, ``ray_address``) is left out: it does not change the output.
+        """
+        options = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("workers", "ray_address")}
+        return json.dumps(options, sort_keys=True, separators=(",", ":"))

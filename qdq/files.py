@@ -108,6 +108,7 @@ class RunFiles:
     def __init__(self) -> None:
         self.inputs: list[tuple[Path, str, Identity]] = []
         self.outputs: list[Output] = []
+        self.pending: list[tuple[Path, str]] = []  # files updated in place that do not exist yet
 
     def reads(self, path: str | os.PathLike[str] | None, what: str) -> None:
         """Register a file the run reads (a folder: the ``.npz`` files in it). Non-regular files are refused."""
@@ -131,10 +132,27 @@ class RunFiles:
         for data in external_data_files(path):
             self.inputs.append((data, f"external data of {path.name}", Identity.of(data)))
 
+    def updates(self, path: str | os.PathLike[str], what: str) -> None:
+        """Register a file the run reads and rewrites in place (a timing cache): no output may be it.
+
+        It may not exist yet; then no output may take its path either.
+        """
+        path = Path(path)
+        if path.exists():
+            self.reads(path, what)
+            return
+        for output in self.outputs:
+            if output.target.resolve() == path.resolve():
+                raise OutputError(f"{output.given} ({output.what}) is also {path} ({what}); give each its own path")
+        self.pending.append((path, what))
+
     def writes(self, path: str | os.PathLike[str], what: str) -> Path:
         """Register an output, refuse it if it clashes, and return the staged path to write it to."""
         output = prepare_output(Path(path), what)
         self.refuse_clash(output.given, what, Identity.of(output.target))
+        for other, other_what in self.pending:
+            if other.resolve() == output.target.resolve():
+                raise OutputError(f"{output.given} ({what}) is also {other} ({other_what}); give each its own path")
         output.workdir = Path(tempfile.mkdtemp(prefix=f".{output.target.name}.", dir=staging_folder(output)))
         self.outputs.append(output)
         return output.staged

@@ -171,3 +171,11 @@ def test_missing_ray_is_exit_3(monkeypatch, tmp_path):
                  "-o", str(tmp_path / "r.json"), "--method", "max", "--ray", "-q"])
     assert code == 3, "a missing optional dependency exits 3"
     assert QuantizeConfig(workers=2).calibration().sharded
+
+
+def test_quantize_with_workers_writes_the_same_model(digits):
+    model, _, data = digits
+    arrays = data.parts[0].arrays
+    one = qdq.quantize(model, arrays, config=QuantizeConfig(method="entropy", batch_size=8)).model
+    two = qdq.quantize(model, arrays, config=QuantizeConfig(method="entropy", batch_size=8, workers=2)).model
+    assert one.SerializeToString() == two.SerializeToString(), "workers must not change a byte of the output"

@@ -455,3 +455,35 @@ def test_missing_shapes_are_asked_for_with_an_example_from_the_model(no_tensorrt
     code = main(["build", str(digits_qdq), "-o", str(tmp_path / "d.engine"), "--dry-run"])
     assert code == 1
     assert "--shapes image:1x1x8x8,8x1x8x8,32x1x8x8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clash", ["model", "verify", "timing-cache", "new-timing-cache"])
+def test_build_never_writes_over_a_file_it_reads(monkeypatch, tmp_path, capsys, rng, clash):
+    model = tmp_path / "relu.onnx"
+    model.write_bytes(parse(RELU).SerializeToString())
+    data = tmp_path / "eval.npz"
+    np.savez(data, image=rng.standard_normal((4, 1, 8, 8)).astype(np.float32))
+    cache = tmp_path / ("new.cache" if clash == "new-timing-cache" else "old.cache")
+    if clash == "timing-cache":
+        cache.write_bytes(b"an old cache")
+    target = {"model": model, "verify": data}.get(clash, cache)
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    fakes.install(monkeypatch, relu_engine())
+    code = main(["build", str(model), "-o", str(target), "--shapes", "image:1x1x8x8,4x1x8x8,4x1x8x8",
+                 "--verify", str(data), "--timing-cache", str(cache)])
+    assert code == 1, capsys.readouterr()
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_failed_verify_leaves_an_existing_engine_as_it_was(monkeypatch, tmp_path, capsys, rng):
+    model = tmp_path / "relu.onnx"
+    model.write_bytes(parse(RELU).SerializeToString())
+    data = tmp_path / "eval.npz"
+    np.savez(data, image=rng.standard_normal((16, 1, 8, 8)).astype(np.float32))  # batch 16: outside the profile
+    engine = tmp_path / "r.engine"
+    engine.write_bytes(b"the engine of yesterday")
+    fakes.install(monkeypatch, relu_engine())
+    code = main(["build", str(model), "-o", str(engine), "--shapes", "image:1x1x8x8,4x1x8x8,4x1x8x8",
+                 "--verify", str(data), "--batch-size", "16"])
+    assert code == 1 and "outside the engine's profile" in capsys.readouterr().err
+    assert engine.read_bytes() == b"the engine of yesterday"
