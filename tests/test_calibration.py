@@ -338,3 +338,12 @@ def test_histogram_pickles_small_and_exact(rng):
     assert len(pickle.dumps(h)) < h.fine.nbytes / 4, "counts are narrowed, trimmed and compressed"
     empty = pickle.loads(pickle.dumps(Histogram(512)))
     assert empty.total == 0 and empty.num_bins == 512
+
+
+def test_auto_is_independent_of_batch_sizes_that_divide_its_sample(rng):
+    # auto scores the first whole batches holding 128 samples: the same samples at any batch size dividing 128.
+    model = parse(AUTO_LAYER, rng)
+    x = rng.standard_t(3, (300, 32)).astype(np.float32)
+    amax = {b: qdq.calibrate(model, {"x": x}, config=QuantizeConfig(method="auto", batch_size=b)).amax["r"]
+            for b in (1, 8, 32, 128)}
+    assert len(set(amax.values())) == 1, amax
