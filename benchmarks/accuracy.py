@@ -1,128 +1,134 @@
-"""Accuracy techniques on trained models: each alone, the ``--optimize`` levels, and ONNX Runtime's quantizer.
+"""Activation range methods compared on trained models: SQNR, top-1 agreement and calibration time.
 
 Run by hand (a few minutes on 2 cores):
 
-    python benchmarks/accuracy.py                    # every model, markdown table on stdout
-    python benchmarks/accuracy.py dwsep transformer  # some of them
+    python benchmarks/accuracy.py                  # every model found, every method; prints the README table
+    python benchmarks/accuracy.py --models digits dwsep --methods max auto
 
-Models: ``models/digits`` (residual CNN) and ``models/trained/*`` (depthwise-separable CNN, row transformer,
-unrolled LSTM), each calibrated on its 128 ``calib.npz`` images and measured on the 450 ``eval.npz`` images.
-SQNR and top-1 agreement are of the logits against the float model; every quantized model, ORT's included, is
-run by ``qdq.runtime.quantized_session`` (the Q/DQ graph's arithmetic, ORT optimisations off). Time is the
-``quantize`` call alone (no evaluation; median of 3), on a shared machine: compare ratios, not seconds.
-
-ONNX Runtime's quantizer (``quantize_static``, QDQ format, symmetric int8 activations and weights, weights per
-channel) is run with each of its calibration methods (MinMax, Entropy, Percentile) and its best is reported.
-This is the only place ``onnxruntime.quantization`` is imported: qdq never wraps a competitor.
+Models: the digits CNN (models/digits) and the trained models in models/trained/NAME/ (calib.npz, eval.npz,
+labels.npy), plus the corpus models in models/corpus/ (random weights unless their .json says trained; 8 samples;
+top-1 agreement only for classifiers). SQNR is of the first output.
+Every number is computed here, on the evaluation data, with qdq.runtime.quantized_session (ONNX Runtime with
+graph optimisations off, so the Q/DQ graph's arithmetic, not ORT's int8 CPU kernels) against the float model run
+the same way. Time: qdq.calibrate alone (best of --repeat runs), then its ratio to the default before auto
+(entropy-guarded).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qdq import quantize  # noqa: E402
+import qdq  # noqa: E402
 from qdq.calibrate.data import input_specs, open_data  # noqa: E402
-from qdq.compare import compare_models  # noqa: E402
-from qdq.config import QuantizeConfig  # noqa: E402
+from qdq.model_io import load_model  # noqa: E402
+from qdq.quantize import prepare  # noqa: E402
+from qdq.runtime import quantized_session  # noqa: E402
 
-MODELS = {
-    "digits": ROOT / "models" / "digits" / "digits.onnx",
-    "dwsep": ROOT / "models" / "trained" / "dwsep" / "dwsep.onnx",
-    "transformer": ROOT / "models" / "trained" / "transformer" / "transformer.onnx",
-    "lstm": ROOT / "models" / "trained" / "lstm" / "lstm.onnx",
-}
-REPEATS = 3  # time is the median of this many runs (the machine is shared)
-PREVIOUS = {"method": "entropy", "optimize": 0}  # the default before the accuracy techniques
-ROWS: list[tuple[str, dict]] = [
-    ("nearest, max", {"method": "max", "optimize": 0}),
-    ("previous default (entropy)", PREVIOUS),
-    ("+ equalize", {**PREVIOUS, "techniques": ("equalize",)}),
-    ("+ smoothquant", {**PREVIOUS, "techniques": ("smoothquant",)}),
-    ("+ adaround", {**PREVIOUS, "techniques": ("adaround",)}),
-    ("+ bias-correction", {**PREVIOUS, "techniques": ("bias-correction",)}),
-    ("--optimize 1", {"method": "entropy", "optimize": 1}),
-    ("--optimize 2", {"method": "entropy", "optimize": 2}),
-    ("new default (no flags)", {}),
-]
+METHODS = ("max", "entropy-guarded", "entropy", "percentile", "mse", "auto")
+BASELINE = "entropy-guarded"
 
 
-def measure(path: Path, options: dict) -> dict:
-    calib = path.parent / "calib.npz"
-    times = []
-    for _ in range(REPEATS):
+def models() -> dict[str, dict]:
+    found = {"digits": {"onnx": ROOT / "models/digits/digits.onnx", "calib": ROOT / "models/digits/calib.npz",
+                        "eval": ROOT / "models/digits/eval.npz", "labels": ROOT / "models/digits/labels.npy",
+                        "weights": "trained", "classifier": True}}
+    for folder in sorted((ROOT / "models/trained").glob("*/")):
+        if (folder / f"{folder.name}.onnx").exists():
+            found[folder.name] = {"onnx": folder / f"{folder.name}.onnx", "calib": folder / "calib.npz",
+                                  "eval": folder / "eval.npz", "labels": folder / "labels.npy", "weights": "trained",
+                                  "classifier": True}
+    for meta in sorted((ROOT / "models/corpus").glob("*.json")):
+        info = json.loads(meta.read_text())
+        name = info.get("name", meta.stem)
+        base = meta.with_suffix("")
+        if Path(f"{base}.onnx").exists():
+            found[name] = {"onnx": Path(f"{base}.onnx"), "calib": Path(f"{base}.calib.npz"),
+                           "eval": Path(f"{base}.eval.npz"), "labels": None, "weights": info.get("weights", "?"),
+                           "classifier": info.get("family") == "classifier"}
+    return found
+
+
+def outputs(session, data) -> list[np.ndarray]:
+    name = session.get_outputs()[0].name
+    return [session.run([name], batch.feeds)[0] for batch in data]
+
+
+def measure(entry: dict, method: str, repeat: int) -> dict:
+    config = qdq.QuantizeConfig(method=method)
+    seconds = []
+    for _ in range(repeat):
         started = time.perf_counter()
-        result = quantize(path, calib, config=QuantizeConfig(**options))
-        times.append(time.perf_counter() - started)
-    return {**evaluate(path, result.model), "seconds": float(np.median(times))}
+        ranges = qdq.calibrate(entry["onnx"], entry["calib"], config=config)
+        seconds.append(time.perf_counter() - started)
+    result = qdq.quantize(entry["onnx"], ranges=ranges, config=config)
+    prepared, _ = prepare(load_model(entry["onnx"]))
+    data = open_data(entry["eval"], input_specs(prepared), config.batch_size)
+    reference = np.concatenate([o.reshape(len(o), -1) for o in outputs(quantized_session(prepared, what="float"),
+                                                                         data)])
+    quantized = np.concatenate([o.reshape(len(o), -1) for o in outputs(quantized_session(result.model), data)])
+    noise = np.sum((quantized.astype(np.float64) - reference) ** 2)
+    sqnr = 10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30))
+    agree = float(np.mean(quantized.argmax(axis=1) == reference.argmax(axis=1))) if entry["classifier"] else None
+    row = {"method": method, "sqnr_db": float(sqnr), "top1_agreement": agree, "calib_s": min(seconds),
+           "sources": sorted({result.ranges.source(n).split(",")[0] for n in result.ranges})}
+    if entry["labels"] is not None:
+        labels = np.load(entry["labels"])
+        row["accuracy"] = float(np.mean(quantized.argmax(axis=1)[:len(labels)] == labels))
+    return row
 
 
-def evaluate(path: Path, quantized: onnx.ModelProto) -> dict:
-    from qdq.quantize import prepare
-
-    folder = path.parent
-    prepared, _ = prepare(onnx.load(str(path)))
-    data = open_data(folder / "eval.npz", input_specs(prepared))
-    comparison = compare_models(prepared, quantized, data, np.load(folder / "labels.npy"))
-    out = comparison.outputs[0]
-    return {"sqnr": out.sqnr_db, "top1": out.top1_agreement, "accuracy": comparison.quant_accuracy,
-            "float_accuracy": comparison.float_accuracy}
-
-
-def ort_best(path: Path) -> dict:
-    """ONNX Runtime's static QDQ quantizer with each calibration method; the best SQNR."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
-
-    images = np.load(path.parent / "calib.npz")["image"]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"image": images[i:i + 16]} for i in range(0, len(images), 16)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    best: dict = {}
-    for method in (CalibrationMethod.MinMax, CalibrationMethod.Entropy, CalibrationMethod.Percentile):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "ort.onnx"
-            started = time.perf_counter()
-            quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-            seconds = time.perf_counter() - started
-            measured = {**evaluate(path, onnx.load(str(out))), "seconds": seconds, "method": method.name}
-        if not best or measured["sqnr"] > best["sqnr"]:
-            best = measured
-    return best
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--wide", action="store_true", help="one row per model: SQNR per method, and times")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    table = {name: entry for name, entry in models().items() if not args.models or name in args.models}
+    rows = []
+    for name, entry in table.items():
+        for method in args.methods:
+            rows.append({"model": name, "weights": entry["weights"], **measure(entry, method, args.repeat)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.wide:
+        print_wide(rows, args.methods)
+        return
+    base = {r["model"]: r["calib_s"] for r in rows if r["method"] == BASELINE}
+    print("| model | method | SQNR dB | top-1 agreement | calibration s | × entropy-guarded |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['calib_s'] / base[r['model']]:.1f}" if r["model"] in base else "-"
+        agree = "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.2f}%"
+        print(f"| {r['model']} | {r['method']} | {r['sqnr_db']:.2f} | {agree} | {r['calib_s']:.2f} | {ratio} |")
 
 
-def main(names: list[str]) -> None:
-    import logging
-
-    logging.getLogger("qdq").setLevel(logging.WARNING)
-    print("| model | configuration | SQNR dB | top-1 agree | accuracy | time s |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name in names:
-        path = MODELS[name]
-        for label, options in ROWS:
-            m = measure(path, options)
-            print(f"| {name} | {label} | {m['sqnr']:.2f} | {m['top1']:.4f} | {m['accuracy']:.4f} | "
-                  f"{m['seconds']:.2f} |", flush=True)
-        o = ort_best(path)
-        print(f"| {name} | ORT quantize_static (best: {o['method']}) | {o['sqnr']:.2f} | {o['top1']:.4f} | "
-              f"{o['accuracy']:.4f} | {o['seconds']:.2f} |", flush=True)
-        print(f"| {name} | float | | | {o['float_accuracy']:.4f} | |", flush=True)
+def print_wide(rows: list[dict], methods: list[str]) -> None:
+    """One row per model: each method's SQNR, then each method's calibration time over the baseline's."""
+    print("| model | " + " | ".join(methods) + " | time × " + BASELINE + ": " + ", ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods) + "---|")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = {r["method"]: r for r in rows if r["model"] == model}
+        best = max(r["sqnr_db"] for r in mine.values())
+        cells = [f"**{mine[m]['sqnr_db']:.2f}**" if mine[m]["sqnr_db"] == best else f"{mine[m]['sqnr_db']:.2f}"
+                 for m in methods]
+        base = mine[BASELINE]["calib_s"] if BASELINE in mine else None
+        times = ", ".join(f"{mine[m]['calib_s'] / base:.1f}" for m in methods) if base else "-"
+        print(f"| {model} | " + " | ".join(cells) + f" | {times} |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(MODELS))
+    main()

@@ -28,7 +28,7 @@ from qdq.commands import (
     run_sensitivity,
     run_view,
 )
-from qdq.config import HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS
+from qdq.config import DEFAULT_METHOD, HIGH_PRECISIONS, METHODS, WEIGHT_FORMATS
 from qdq.errors import QdqError, printable
 from qdq.optimize import TECHNIQUES
 from qdq.range_files import FORMATS
@@ -112,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", type=Path, help="float ONNX model")
     add_placement_args(e)
     add_optimize_args(e)
-    e.add_argument("--scheme", choices=tuple(SCHEMES), default="int8",
-                   help="plan for int8 (default) or fp8 (FP8 quantizes Conv/ConvTranspose/Gemm/MatMul only)")
+    add_method_args(e)
     e.add_argument("--json", action="store_true", help="print the plan as JSON")
     e.set_defaults(run=run_explain)
 
@@ -246,8 +245,9 @@ def technique_list(text: str) -> tuple[str, ...]:
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
-    group.add_argument("--method", choices=METHODS, default="entropy",
-                       help="activation range method (default: entropy, as TensorRT's entropy calibrator)")
+    group.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                       help=f"activation range method (default: {DEFAULT_METHOD}; entropy is TensorRT's entropy "
+                            "calibration)")
     group.add_argument("--percentile", type=float, default=99.99, metavar="P",
                        help="percentile of |x| for --method percentile (default: 99.99)")
     group.add_argument("--num-bins", type=int, default=2048, metavar="N",

@@ -74,13 +74,25 @@ def run_quantize(args: argparse.Namespace) -> int:
         comparison = result.report.comparison
         print_json({"output": str(args.output), **result.report.summary(), "notes": list(result.report.notes),
                     "ranges": dict(result.ranges.amax), "method": result.ranges.method,
+                    "chosen_by": {n: result.ranges.source(n) for n in result.ranges},
                     "comparison": None if comparison is None else comparison.to_dict(),
                     "seconds": result.report.seconds} | ({"plan": result.plan.to_dict()} if args.explain else {}))
         return 0
     if args.explain:
         say(result.plan.explain())
+        for name in result.ranges:
+            say(f"range: {name}  amax={result.ranges.amax[name]:.6g}  chosen by {result.ranges.source(name)}")
     print_summary(result, args.output, size, evaluation)
     return 0
+
+
+def describe_method(method: str) -> str:
+    """How ``qdq explain`` says the ranges will be chosen (it runs no data, so no amax yet)."""
+    if method == "auto":
+        return ("--method auto: per tensor, the candidate (max, entropy, MSE, percentiles, a grid) with the least "
+                "error in the consuming layer's output; the chosen one is listed by quantize --explain, the "
+                "report, and each QuantizeLinear's doc string")
+    return f"--method {method} for every tensor"
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -95,6 +107,7 @@ def run_explain(args: argparse.Namespace) -> int:
         quantized = plan.quantized_nodes()
         say(f"{len(quantized)} of {len(plan.decisions)} nodes quantized, {len(plan.activation_names())} "
               f"activations and {len(plan.weights())} weights with Q/DQ")
+        say(f"activation ranges: {describe_method(args.method)}")
     return 0
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qdq.calibrate.options import CalibrationOptions
+from qdq.calibrate.registry import DEFAULT_METHOD
 from qdq.calibrate.registry import METHODS as METHOD_REGISTRY
 from qdq.optimize import TECHNIQUES
 from qdq.placement.planner import PlacementOptions
@@ -26,11 +27,13 @@ class QuantizeConfig:
     """How to quantize.
 
     Attributes:
-        method: how activation statistics become an amax (../specs/calibration.md). ``entropy`` (default) is
-            TensorRT's entropy calibration, its long-time default for INT8: it clips rare outliers when that
-            keeps more information, where ``max`` lets one outlier take the resolution of the whole tensor.
-            ``max`` is the largest |x| seen (fastest: no histogram); ``percentile`` the ``percentile``-th
-            percentile of |x|; ``mse`` the threshold with the least quantization error.
+        method: how activation statistics become an amax (../specs/calibration.md). ``mse`` (default): the
+            threshold with the least quantization error of the tensor. ``auto``: per tensor, the candidate
+            (max, entropies, MSE, percentiles, a grid) with the least error in the consuming layer's output.
+            ``entropy``: TensorRT's entropy calibration as published (pytorch-quantization). ``entropy-guarded``:
+            the same KL search with two guards (never clip more than 0.1% of the values; smoothing for outliers
+            past a gap), qdq's earlier default. ``max``: the largest |x| seen (fastest: no histogram);
+            ``percentile``: the ``percentile``-th percentile of |x|.
         percentile: for ``percentile``; 99.99 as pytorch-quantization (ONNX Runtime uses 99.999).
         num_bins: histogram bins for the histogram methods (2048, as TensorRT); even, from 256 to 16384.
         max_tensors_per_pass: observe at most this many tensors per pass over the data; a model with more is
@@ -66,7 +69,7 @@ class QuantizeConfig:
             100 - this percent (a classifier's ``[batch, classes]`` output).
     """
 
-    method: str = "entropy"
+    method: str = DEFAULT_METHOD
     percentile: float = 99.99
     num_bins: int = 2048
     max_tensors_per_pass: int | None = None

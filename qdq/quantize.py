@@ -284,7 +284,8 @@ def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | 
         if calibration is None:
             raise CalibrationError(f"{len(missing)} tensors to quantize have no range: "
                                    f"{describe_missing(missing, known)}; pass calibration data to calibrate them")
-        known = known.merged(collect_ranges(model, missing, calibration, config.calibration(), progress=progress))
+        known = known.merged(collect_ranges(model, missing, calibration, config.calibration(), plan=plan,
+                                            progress=progress))
     return known.subset(needed).shared(plan.shared_scales)
 
 

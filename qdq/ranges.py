@@ -27,7 +27,9 @@ class TensorRanges:
     ``scales`` holds INT8 float32 scales that must be used bit for bit (a TensorRT calibration cache stores the
     INT8 scale, not the amax); otherwise, and for every other scheme, the scale is the scheme's of the amax.
     ``header`` keeps a cache's first line so that writing it back reproduces the file. ``histograms`` are the
-    calibration statistics of the histogram methods (for reports; O(bins) each).
+    calibration statistics of the histogram methods (for reports; O(bins) each). ``sources`` says, per tensor, what
+    chose its amax where that is not ``method`` itself (``auto: mse``: auto picked MSE's threshold; ``shared with
+    t``: a Concat group's).
     """
 
     amax: Mapping[str, float]
@@ -36,6 +38,7 @@ class TensorRanges:
     scales: Mapping[str, float] = field(default_factory=dict)
     header: str | None = None
     histograms: Mapping[str, Histogram] = field(default_factory=dict, compare=False, repr=False)
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         for name, value in self.amax.items():
@@ -60,10 +63,15 @@ class TensorRanges:
             return self.scales[name]
         return float(scheme.scale(self.amax[name]))
 
+    def source(self, name: str) -> str:
+        """What chose this tensor's amax: the method, or more precisely where ``sources`` says."""
+        return self.sources.get(name, self.method)
+
     def subset(self, names: list[str]) -> TensorRanges:
         return TensorRanges({n: self.amax[n] for n in names}, method=self.method, samples=self.samples,
                             scales={n: self.scales[n] for n in names if n in self.scales}, header=self.header,
-                            histograms={n: self.histograms[n] for n in names if n in self.histograms})
+                            histograms={n: self.histograms[n] for n in names if n in self.histograms},
+                            sources={n: self.sources[n] for n in names if n in self.sources})
 
     def merged(self, other: TensorRanges) -> TensorRanges:
         """These ranges completed by ``other``'s (ours win where both have a tensor)."""
@@ -72,11 +80,12 @@ class TensorRanges:
         method = self.method if self.method == other.method else f"{self.method}+{other.method}"
         return TensorRanges({**other.amax, **self.amax}, method=method, samples=other.samples or self.samples,
                             scales={**other.scales, **self.scales}, header=self.header,
-                            histograms={**other.histograms, **self.histograms})
+                            histograms={**other.histograms, **self.histograms},
+                            sources={**{n: other.source(n) for n in other}, **{n: self.source(n) for n in self}})
 
     def shared(self, groups: tuple[tuple[str, ...], ...]) -> TensorRanges:
         """Each group's members all take the group's largest range (one scale for a Concat and its inputs)."""
-        amax, scales = dict(self.amax), dict(self.scales)
+        amax, scales, sources = dict(self.amax), dict(self.scales), dict(self.sources)
         for group in groups:
             members = [n for n in group if n in amax]
             if len(members) < 2:
@@ -84,12 +93,14 @@ class TensorRanges:
             widest = max(members, key=lambda n: (self.scale(n), n))
             for name in members:
                 amax[name] = self.amax[widest]
+                if name != widest:
+                    sources[name] = f"{self.source(widest)}, shared with {widest}"
                 if widest in self.scales:
                     scales[name] = self.scales[widest]
                 else:
                     scales.pop(name, None)
         return TensorRanges(amax, method=self.method, samples=self.samples, scales=scales, header=self.header,
-                            histograms=self.histograms)
+                            histograms=self.histograms, sources=sources)
 
 
 def inherit_through_copies(model: onnx.ModelProto, names: list[str], ranges: TensorRanges

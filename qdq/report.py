@@ -64,9 +64,10 @@ def comparison_section(comparison: Comparison) -> str:
 
 def ranges_section(ranges: TensorRanges, plt) -> str:
     rows = [[name, ranges.amax[name], ranges.scale(name),
-             ranges.histograms[name].amax if name in ranges.histograms else ranges.amax[name]] for name in ranges]
+             ranges.histograms[name].amax if name in ranges.histograms else ranges.amax[name], ranges.source(name)]
+            for name in ranges]
     text = f"<h2>Ranges ({html.escape(ranges.method)}, {ranges.samples} samples)</h2>"
-    text += table(["tensor", "amax", "scale", "max |x| seen"], rows)
+    text += table(["tensor", "amax", "scale", "max |x| seen", "chosen by"], rows)
     if not ranges.histograms:
         return text + '<p class="note">No histograms: max calibration keeps only the maximum.</p>'
     if plt is None:

@@ -8,6 +8,7 @@ import pytest
 from conftest import initializer, nodes_by_op, parse, producers, run_ort, sqnr_db
 
 import qdq
+from qdq.config import QuantizeConfig
 from qdq.scheme import INT8
 
 HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
@@ -202,9 +203,10 @@ def test_node_names_and_docs_read_well_in_netron(rng):
     names = [n.name for n in out.graph.node]
     assert len(names) == len(set(names)) and all(names)
     q, = nodes_by_op(out, "QuantizeLinear")
-    assert q.name == "x_QuantizeLinear" and "amax=" in q.doc_string and "(entropy)" in q.doc_string
+    method = QuantizeConfig().method
+    assert q.name == "x_QuantizeLinear" and "amax=" in q.doc_string and f"({method}" in q.doc_string, q.doc_string
     meta = {p.key: p.value for p in out.metadata_props}
-    assert meta["qdq.version"] == qdq.__version__ and '"method":"entropy"' in meta["qdq.options"]
+    assert meta["qdq.version"] == qdq.__version__ and f'"method":"{method}"' in meta["qdq.options"]
 
 
 def test_caller_model_is_not_modified(rng):

@@ -7,6 +7,7 @@ depend on how the data was split.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -16,37 +17,50 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from qdq.calibrate.auto import AUTO_SAMPLES, Recording, choose, first_samples
 from qdq.calibrate.data import Dataset
 from qdq.calibrate.histogram import Histogram
 from qdq.calibrate.observer import OBSERVERS
 from qdq.calibrate.options import CalibrationOptions
 from qdq.calibrate.registry import METHODS, Statistic, method_amax, new_statistic
 from qdq.errors import CalibrationError, DataError
+from qdq.placement import QuantPlan, plan_quantization
 from qdq.ranges import TensorRanges
 
 log = logging.getLogger(__name__)
 
 
 def collect_ranges(model: onnx.ModelProto, names: list[str], data: Dataset,
-                   options: CalibrationOptions | None = None, *, progress: bool = False) -> TensorRanges:
+                   options: CalibrationOptions | None = None, *, plan: QuantPlan | None = None,
+                   progress: bool = False) -> TensorRanges:
     """The amax of each tensor in ``names`` over all of ``data``, by ``options.method``.
 
     A copy of the model exposes the tensors as outputs, at most ``options.max_tensors_per_pass`` at a time (more
     tensors: more passes over the data). Each batch's values are reduced into a fixed-size statistic per tensor
     and dropped, so memory does not grow with the amount of data. With ``workers``/``ray_address`` the data is
     split into shards, each observed by its own session; only the statistics come back.
+
+    ``auto`` then scores candidates on the consumers of each tensor as ``plan`` places them (default: the plan of
+    ``model`` with default placement), on the first ``AUTO_SAMPLES`` samples (kept while the data streams by).
     """
     options = options or CalibrationOptions()
     started = time.perf_counter()
+    recording = Recording(data, AUTO_SAMPLES) if options.method == "auto" and not options.sharded else None
     if options.sharded:
         from qdq.calibrate.shards import collect_sharded
 
         stats, samples = collect_sharded(model, names, data, options)
     else:
-        stats, samples = collect_statistics(model, names, data, options, progress=progress)
+        stats, samples = collect_statistics(model, names, recording or data, options, progress=progress)
     log.info("calibrated %d tensors (%s) on %d samples in %.1f s", len(names), options.method, samples,
              time.perf_counter() - started)
-    return reduce_statistics(stats, options, samples)
+    ranges = reduce_statistics(stats, options, samples)
+    if options.method != "auto":
+        return ranges
+    sample = recording.kept if recording else first_samples(data, AUTO_SAMPLES)
+    amax, sources = choose(model, plan or plan_quantization(model), dict(ranges.histograms), sample,
+                           options.max_tensors_per_pass, options.scheme)
+    return dataclasses.replace(ranges, amax=amax, sources=sources)
 
 
 def collect_statistics(model: onnx.ModelProto, names: list[str], data: Dataset, options: CalibrationOptions,

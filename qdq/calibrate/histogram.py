@@ -1,46 +1,90 @@
 """A streaming histogram of |x|: O(bins) memory per tensor, mergeable, independent of batching.
 
-The bins cover ``[0, top]`` where ``top`` is the smallest power of two at or above the largest |x| seen. When a
-batch exceeds ``top``, ``top`` doubles and pairs of bins merge, so old counts map exactly onto the new bins.
-Because ``top`` depends only on the overall maximum, the same samples give the same histogram whatever the
-batch size or order: the amax methods are then pure functions of the data (NVIDIA/Model-Optimizer#619 reports
-entropy scales that changed with the batch size). The data fills between half and all of the bins.
+The counts are kept at a fine resolution, ``resolution`` fine bins per bin, over ``[0, top]`` where ``top`` is
+the smallest power of two at or above the largest |x| seen. When a batch exceeds ``top``, ``top`` doubles and
+pairs of fine bins merge, so old counts map exactly onto the new bins. Because ``top`` depends only on the
+overall maximum, the same samples give the same histogram whatever the batch size or order: the amax methods are
+then pure functions of the data (NVIDIA/Model-Optimizer#619 reports entropy scales that changed with the batch
+size). The data fills between half and all of the bins.
+
+Two views serve the methods:
+- :attr:`Histogram.counts`: ``num_bins`` bins over ``[0, top]`` (sums of fine bins, exact);
+- :meth:`Histogram.over_max`: ``num_bins`` bins over ``[0, amax]``, the grid of TensorRT's entropy calibration
+  (pytorch-quantization's histogram of a single batch), re-binned from the fine counts. Each of its bins spans
+  at least ``resolution / 2`` fine bins; a fine bin cut by a bin edge is split in proportion to its overlap.
+
+Memory: ``num_bins * resolution`` int64 counts per tensor (``FINE_BINS`` at most): 256 KB at the default 2048 bins
+(resolution 16), never more.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 
 BLOCK = 1 << 16
-# --num-bins stops here: 8 bytes a bin, so a histogram takes at most 128 KB per tensor (16 KB at the default
-# 2048), and the entropy method's candidates x 128-levels tables stay near 100 MB while they are computed.
+# --num-bins stops here: the entropy method's candidates x 128-levels tables stay near 100 MB while computed.
 MAX_BINS = 16384
+# Fine bins kept per histogram: num_bins times the resolution, the resolution the largest whole number that keeps
+# at most this many (16 at the default 2048 bins, 2 at MAX_BINS): 256 KB of int64 counts per tensor at most.
+FINE_BINS = 32768
 # The smallest top. Below it, num_bins / top would overflow float32 and bin indices would wrap around: data
 # whose largest |x| is smaller (subnormal, vanished activations) fills the lowest bins, and its amax is floored.
 MIN_TOP = 2.0 ** -100
 
 
 class Histogram:
-    """Counts of |x| in ``num_bins`` equal bins over ``[0, top]``, plus the running absmax and non-finite count."""
+    """Counts of |x| in ``num_bins`` equal bins over ``[0, top]`` (kept ``resolution`` times finer), plus the
+    running absmax and non-finite count."""
 
     def __init__(self, num_bins: int = 2048) -> None:
-        self.counts = np.zeros(num_bins, dtype=np.int64)
+        self.resolution = max(1, FINE_BINS // num_bins)
+        self.fine = np.zeros(num_bins * self.resolution, dtype=np.int64)
         self.top = 0.0  # 0 until a non-zero value is seen; a power of two after
         self.amax = 0.0
         self.nonfinite = 0
 
     @property
     def num_bins(self) -> int:
-        return len(self.counts)
+        return len(self.fine) // self.resolution
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``num_bins`` counts over ``[0, top]``."""
+        return self.fine.reshape(-1, self.resolution).sum(axis=1)
 
     @property
     def total(self) -> int:
-        return int(self.counts.sum())
+        return int(self.fine.sum())
 
     def edges(self) -> np.ndarray:
+        """The ``num_bins + 1`` edges of :attr:`counts`."""
         return np.arange(self.num_bins + 1, dtype=np.float64) * (self.top / self.num_bins)
+
+    def over_max(self, bins: int | None = None) -> np.ndarray:
+        """Counts (float) in ``bins`` equal bins over ``[0, amax]`` (default ``num_bins``); bin ``i`` ends at
+        ``(i + 1) * amax / bins``. The largest |x| falls in the last bin, as in ``histc(x, bins, 0, max)``.
+
+        The counts are linear interpolation of the fine cumulative counts: exact at fine edges, proportional
+        inside a fine bin. A bin that overlaps no non-empty fine bin stays exactly empty.
+        """
+        bins = bins or self.num_bins
+        if self.amax == 0.0:
+            out = np.zeros(bins)
+            out[0] = self.total
+            return out
+        width = self.top / len(self.fine)
+        last = min(int(self.amax / width), len(self.fine) - 1)  # the fine bin holding amax
+        cumulative = np.concatenate([[0], np.cumsum(self.fine[:last + 1])]).astype(np.float64)
+        # The fine bin holding amax ends at amax, not at its grid edge: nothing lies beyond the maximum.
+        points = np.arange(last + 2, dtype=np.float64) * width
+        points[-1] = max(self.amax, points[-2])
+        targets = np.arange(bins + 1, dtype=np.float64) * (self.amax / bins)
+        at = np.interp(targets, points, cumulative)
+        at[0], at[-1] = 0.0, cumulative[-1]
+        return np.maximum(np.diff(at), 0.0)
 
     def update(self, x: np.ndarray, *, owned: bool = False) -> None:
         """Add a batch. ``owned=True`` lets the histogram work in ``x``'s memory (an ORT output nobody reads again)."""
@@ -57,14 +101,14 @@ class Histogram:
             hi, lo = float(x.max()), float(x.min())
         self.amax = max(self.amax, hi, -lo)
         if self.amax == 0.0:
-            self.counts[0] += x.size
+            self.fine[0] += x.size
             return
         self._grow(self.amax)
         # bins / top is a power of two, so the product is exact and bin membership is the same at any resolution.
         # Blocks keep the int64 bin indices in cache; counting them is the cost.
-        factor = np.float32(self.num_bins / self.top)
+        factor = np.float32(len(self.fine) / self.top)
         index = np.empty(min(x.size, BLOCK), dtype=np.intp)
-        counts = np.zeros(self.num_bins + 1, dtype=np.int64)  # the extra bin holds |x| == top exactly
+        counts = np.zeros(len(self.fine) + 1, dtype=np.int64)  # the extra bin holds |x| == top exactly
         for start in range(0, x.size, BLOCK):
             part = x[start:start + BLOCK]
             scaled = np.abs(part, out=part if owned else None) if lo < 0 else (part if owned else part.copy())
@@ -72,7 +116,7 @@ class Histogram:
             np.copyto(index[:len(scaled)], scaled, casting="unsafe")
             np.add.at(counts, index[:len(scaled)], 1)  # numpy 2's add.at beats bincount here by a quarter
         counts[-2] += counts[-1]
-        self.counts += counts[:-1]
+        self.fine += counts[:-1]
 
     def merge(self, other: Histogram) -> Histogram:
         """The histogram of both data sets together."""
@@ -82,20 +126,36 @@ class Histogram:
         for part in (self, other):
             copy = part.copy()
             copy._grow(max(self.top, other.top))
-            merged.counts += copy.counts
+            merged.fine += copy.fine
         merged.top = max(self.top, other.top)
         merged.amax = max(self.amax, other.amax)
         merged.nonfinite = self.nonfinite + other.nonfinite
         return merged
 
+    def __getstate__(self) -> dict:
+        """Pickled small (statistics cross process boundaries when calibration is sharded): the counts up to the
+        last non-empty fine bin, in the narrowest unsigned type that holds them, zlib-compressed."""
+        used = int(np.flatnonzero(self.fine).max(initial=-1)) + 1
+        dtype = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64)
+                     if used == 0 or int(self.fine[:used].max()) <= np.iinfo(t).max)
+        packed = zlib.compress(self.fine[:used].astype(dtype).tobytes(), 1)
+        return {"num_bins": self.num_bins, "used": used, "dtype": np.dtype(dtype).str, "counts": packed,
+                "top": self.top, "amax": self.amax, "nonfinite": self.nonfinite}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["num_bins"])
+        used = state["used"]
+        self.fine[:used] = np.frombuffer(zlib.decompress(state["counts"]), dtype=state["dtype"], count=used)
+        self.top, self.amax, self.nonfinite = state["top"], state["amax"], state["nonfinite"]
+
     def copy(self) -> Histogram:
         clone = Histogram(self.num_bins)
-        clone.counts[:] = self.counts
+        clone.fine[:] = self.fine
         clone.top, clone.amax, clone.nonfinite = self.top, self.amax, self.nonfinite
         return clone
 
     def _grow(self, value: float) -> None:
-        """Widen to cover ``value``: the first top is a power of two; each doubling merges bin pairs."""
+        """Widen to cover ``value``: the first top is a power of two; each doubling merges fine bin pairs."""
         if value <= self.top or value == 0.0:
             return
         if self.top == 0.0:
@@ -105,6 +165,6 @@ class Histogram:
                 self.top *= 2.0
             return
         while self.top < value:
-            self.counts = np.concatenate([self.counts.reshape(-1, 2).sum(axis=1),
-                                          np.zeros(self.num_bins // 2, dtype=np.int64)])
+            self.fine = np.concatenate([self.fine.reshape(-1, 2).sum(axis=1),
+                                        np.zeros(len(self.fine) // 2, dtype=np.int64)])
             self.top *= 2.0

@@ -26,27 +26,46 @@ def amax_percentile(hist: Histogram, percentile: float) -> float:
 
 
 def amax_entropy(hist: Histogram) -> float:
-    """TensorRT's entropy calibration: the threshold whose 128-level quantization loses the least information.
+    """TensorRT's entropy calibration (EntropyCalibrator2), as pytorch-quantization publishes it.
 
-    For each candidate ``i`` (bins 128 to ``num_bins``): P is the first ``i`` bins with every count beyond added
-    to bin ``i-1``; Q splits the first ``i`` bins (without the outliers) evenly into 128 groups (bin ``b`` in
-    group ``floor(128·b/i)``) and spreads each group's count over its non-empty bins. The chosen ``i`` minimises
-    KL(P‖Q) (the largest ``i`` among equals); amax is its upper edge.
+    The histogram of |x| in ``num_bins`` (2048) bins over ``[0, amax]`` (:meth:`Histogram.over_max`), bin 0's
+    count replaced by bin 1's (so the zeros after a ReLU do not dominate). For each candidate ``i`` from bin 128
+    to ``num_bins``: P is the first ``i`` bins with every count beyond added to bin ``i-1``; Q splits the first
+    ``i`` bins (without the outliers) into 128 groups (bin ``b`` in group ``floor(128·b/i)``) and spreads each
+    group's count evenly over its non-empty bins. The chosen ``i`` minimises KL(P‖Q) (the largest ``i`` among
+    equals); amax is its upper edge, ``i·amax/num_bins``. A candidate whose bin ``i-1`` is empty while values lie
+    beyond it has infinite KL, as in the published code.
 
-    Choices where published versions differ: bin 0's count is replaced by bin 1's, as in pytorch-quantization,
-    so the zeros after a ReLU do not dominate; and when bin ``i-1`` is empty but receives outliers, Q gets a
-    pseudo-count of one sample there instead of 0 (smoothing, as ncnn and MXNet do with an epsilon): otherwise
-    KL is infinite for every threshold in a gap between the bulk and a few far outliers, and the threshold lands
-    on an outlier. A threshold with fewer than two non-empty bins below it is never chosen: P and Q would both be
-    one spike, with KL 0 however much is clipped (seen on 4-bit pixel data). And the threshold never clips more
-    than 0.1% of the values: on a Sigmoid's outputs, all in [0.5, 1), KL favoured clipping half of them.
+    One deviation, for degenerate data only: a threshold with fewer than two non-empty bins below it is never
+    chosen (P and Q would both be one spike, KL 0 however much is clipped; 4-bit pixel data clipped at 1/16 of
+    its range that way). See :func:`amax_entropy_guarded` for qdq's earlier, guarded variant.
+    """
+    if hist.amax == 0.0:
+        return 0.0
+    counts = hist.over_max()
+    counts[0] = counts[1]
+    divergence = kl_divergences(counts, smooth=False)
+    best = len(divergence) - 1 - int(np.argmin(divergence[::-1]))
+    return (START_BIN + best) * hist.amax / len(counts)
+
+
+def amax_entropy_guarded(hist: Histogram) -> float:
+    """Entropy calibration made safer than TensorRT's (``--method entropy-guarded``; qdq's default before 0.2).
+
+    The same KL search as :func:`amax_entropy`, on the power-of-two grid :attr:`Histogram.counts` (``[0, top]``,
+    the data filling between half and all of it), with two guards:
+    - when bin ``i-1`` is empty but receives outliers, Q gets a pseudo-count of one sample there instead of 0
+      (smoothing, as ncnn and MXNet do with an epsilon): otherwise KL is infinite for every threshold in a gap
+      between the bulk and a few far outliers, and the threshold lands on an outlier;
+    - the threshold never clips more than 0.1% of the values: on a Sigmoid's outputs, all in [0.5, 1), KL
+      favoured clipping half of them.
     Computed in closed form from prefix sums, all candidates at once: O(candidates × 128).
     """
     if hist.top == 0.0:
         return hist.amax
     counts = hist.counts.astype(np.float64)
     counts[0] = counts[1]
-    divergence = kl_divergences(counts)
+    divergence = kl_divergences(counts, smooth=True)
     best = len(divergence) - 1 - int(np.argmin(divergence[::-1]))
     threshold = float(hist.edges()[START_BIN + best])
     # KL sees shapes, not magnitudes: for data in a narrow band away from zero (a Sigmoid's [0.5, 1)) a
@@ -59,8 +78,12 @@ def xlogx(x: np.ndarray) -> np.ndarray:
         return np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)
 
 
-def kl_divergences(counts: np.ndarray, start: int = START_BIN, levels: int = LEVELS) -> np.ndarray:
+def kl_divergences(counts: np.ndarray, start: int = START_BIN, levels: int = LEVELS, *, smooth: bool = True
+                   ) -> np.ndarray:
     """KL(P‖Q) for every candidate ``i`` in ``[start, len(counts)]`` (see :func:`amax_entropy`).
+
+    ``smooth``: the pseudo-count of :func:`amax_entropy_guarded` where bin ``i-1`` is empty but receives
+    outliers; without it such a candidate's KL is infinite.
 
     With T the total count and S the total of Q's counts: KL = (1/T)·Σ_b P_b·log(P_b / Q_b) + log(S / T). Per
     group g (sum G_g over n_g non-empty bins) Σ_{b∈g} c_b·log(c_b / Q_b) = Σ c_b·log c_b − G_g·log(G_g / n_g),
@@ -90,7 +113,9 @@ def kl_divergences(counts: np.ndarray, start: int = START_BIN, levels: int = LEV
     body += xlogx(p_last) - p_last * np.log(q_last) - (xlogx(last) - last * np.log(q_last))
     inside = prefix[candidates]
     with np.errstate(divide="ignore", invalid="ignore"):  # total is 0 when every value was 0 (bin 0 replaced)
-        kl = body / total + np.log((inside + pseudo) / total)
+        kl = body / total + np.log((inside + pseudo * smooth) / total)
+    if not smooth:
+        kl = np.where(pseudo, np.inf, kl)
     # With fewer than two non-empty bins below the threshold, P and Q are both one spike and KL is 0 whatever is
     # clipped (discrete data such as 8-bit pixels): such a threshold is never a candidate.
     return np.where(nonzero[candidates] >= 2, kl, np.inf)

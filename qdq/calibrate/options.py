@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from qdq.calibrate.histogram import MAX_BINS
 from qdq.calibrate.observer import OBSERVERS
-from qdq.calibrate.registry import METHODS
+from qdq.calibrate.registry import DEFAULT_METHOD, METHODS
 from qdq.scheme import INT8, Scheme
 
 
@@ -25,7 +25,7 @@ class CalibrationOptions:
         executor: what runs the model to observe it, a name in :data:`qdq.calibrate.observer.OBSERVERS`.
     """
 
-    method: str = "entropy"
+    method: str = DEFAULT_METHOD
     percentile: float = 99.99
     num_bins: int = 2048
     max_tensors_per_pass: int | None = None

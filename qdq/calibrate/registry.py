@@ -11,13 +11,14 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from qdq.calibrate.histogram import Histogram
-from qdq.calibrate.methods import amax_entropy, amax_mse, amax_percentile
+from qdq.calibrate.methods import amax_entropy, amax_entropy_guarded, amax_mse, amax_percentile
 from qdq.calibrate.stats import AbsMax
 
 if TYPE_CHECKING:
     from qdq.calibrate.options import CalibrationOptions
 
 Statistic = AbsMax | Histogram
+DEFAULT_METHOD = "mse"
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ def entropy_amax(stat: Statistic, options: CalibrationOptions) -> float:
     return amax_entropy(stat)
 
 
+def entropy_guarded_amax(stat: Statistic, options: CalibrationOptions) -> float:
+    return amax_entropy_guarded(stat)
+
+
 def percentile_amax(stat: Statistic, options: CalibrationOptions) -> float:
     return amax_percentile(stat, options.percentile)
 
@@ -45,7 +50,10 @@ def mse_amax(stat: Statistic, options: CalibrationOptions) -> float:
 
 
 METHODS: Mapping[str, Method] = MappingProxyType({
+    # auto's amax comes from qdq.calibrate.auto (it needs the model and data); max stands until then.
+    "auto": Method("histogram", max_amax),
     "entropy": Method("histogram", entropy_amax),
+    "entropy-guarded": Method("histogram", entropy_guarded_amax),
     "max": Method("absmax", max_amax),
     "percentile": Method("histogram", percentile_amax),
     "mse": Method("histogram", mse_amax),

@@ -18,7 +18,7 @@ LEVELS: dict[int, tuple[str, ...]] = {
     2: ("equalize", "smoothquant", "adaround", "bias-correction"),
 }
 # Iterations of AdaRound's soft relaxation before the greedy flips. 0: measured on the sample models
-# (benchmarks/accuracy.py), 200 iterations took 5-100x longer than the flips alone and ended within 0.3 dB of
+# (benchmarks/techniques.py), 200 iterations took 5-100x longer than the flips alone and ended within 0.3 dB of
 # them, as often below as above. The relaxation stays available to the Python API (adaround.learned_rounding).
 RELAXATION_ITERATIONS = 0
 

@@ -11,7 +11,7 @@ point next to it (floor or floor + 1, so never more than one step from nearest) 
   3. A guard: a channel whose error is not below nearest's keeps nearest, so no layer gets worse on the
      calibration data.
 The ``--optimize`` levels run 2 and 3 only (``iterations=0``): on the sample models the relaxation cost 5-100x
-more time for no gain (benchmarks/accuracy.py). Weights at the ends of the grid (|q| = 127, which hold the
+more time for no gain (benchmarks/techniques.py). Weights at the ends of the grid (|q| = 127, which hold the
 channel's amax) keep nearest, so the scale is the one nearest rounding has. Everything is per layer in numpy;
 memory is one layer's weights and Gram matrix.
 """

@@ -51,8 +51,8 @@ class MaterializeQDQ(Pass):
         for name, uses in activations.items():
             amax = self.ranges.amax[name]
             bounded = bounds_note(self.scheme, amax)
-            doc = (f"activation, per tensor: amax={amax!r} ({self.ranges.method}{', ' + bounded if bounded else ''}), "
-                   f"scale=amax/{self.scheme.qmax:g}")
+            chosen = self.ranges.source(name) + (f", {bounded}" if bounded else "")
+            doc = f"activation, per tensor: amax={amax!r} ({chosen}), scale=amax/{self.scheme.qmax:g}"
             dq = writer.pair(tensors[name], np.float32(self.ranges.scale(name, self.scheme)), axis=None, doc=doc)
             rewire(nodes, uses, dq)
         for (name, axis), uses in self.plan.weights().items():
