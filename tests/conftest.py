@@ -156,3 +156,12 @@ def quantize_with_onnxruntime(model: onnx.ModelProto, folder: Path, rng: np.rand
     quantize_static(str(folder / "float.onnx"), str(folder / "ort.qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                     **options)
     return onnx.load(str(folder / "ort.qdq.onnx"))
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``qdq ARGV`` in this process: exit code, stdout, stderr."""
+    from qdq.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

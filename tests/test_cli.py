@@ -10,17 +10,13 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS, parse, read_only
+from conftest import run_cli as run
 
 from qdq.cli import main
 
 DEMO = ["--calib", str(DIGITS / "calib.npz"), "--eval", str(DIGITS / "eval.npz"),
         "--labels", str(DIGITS / "labels.npy")]
 
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_sample_model_quantizes_and_keeps_its_accuracy(tmp_path, capsys):

@@ -8,21 +8,16 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS, nodes_by_op, parse
+from conftest import run_cli as run
 from onnx import TensorProto, helper
 
 import qdq
-from qdq.cli import main
 from qdq.errors import CalibrationError, ModelError
 
 HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
 MATMUL = HEADER + """
 g (float[N, 32] x) => (float[N, 32] y) <float[32, 32] w = {0.0}> { y = MatMul (x, w) }"""
 
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_op_from_an_unknown_domain_is_a_one_line_error(tmp_path, capsys, rng):

@@ -9,21 +9,14 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import DIGITS
+from conftest import run_cli as run
 from numpy.lib import format as npy_format
 
 from qdq.calibrate import data as data_module
 from qdq.calibrate.data import InputSpec, open_data
 from qdq.calibrate.histogram import MAX_BINS, Histogram
-from qdq.cli import main
 from qdq.errors import DataError
 from qdq.range_files import MAX_BYTES, MAX_LINES, read_ranges
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 # --- inputs that are not regular files are refused without being opened (a FIFO would hang) ----------------------
 

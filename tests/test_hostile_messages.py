@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS, ROOT, parse
+from conftest import run_cli as run
 from onnx import TensorProto, helper, numpy_helper
 
 import qdq
 from qdq.calibrate.data import InputSpec, check_array
-from qdq.cli import main
 from qdq.errors import DataError, printable, shown
 
 HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
@@ -25,11 +25,6 @@ MATMUL = HEADER + """
 g (float[N, 32] x) => (float[N, 32] y) <float[32, 32] w = {0.0}> { y = MatMul (x, w) }"""
 HOSTILE = "evil\x1b[31m\x07\x00name" + "x" * 5000
 
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def strict_json(text: str) -> object:

@@ -15,18 +15,13 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS, ROOT, parse
+from conftest import run_cli as run
 
 import qdq.commands
-from qdq.cli import main
 from qdq.errors import OutputError
 
 ARGS = ["--method", "max", "-q"]
 
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

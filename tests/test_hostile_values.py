@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import pytest
 from conftest import nodes_by_op, parse
+from conftest import run_cli as run
 from onnx import TensorProto, helper, numpy_helper
 
 import qdq
-from qdq.cli import main
 from qdq.errors import ArgumentError, CalibrationError, DataError, ModelError, QdqError
 from qdq.range_files import parse_ranges, read_ranges
 from qdq.ranges import TensorRanges
@@ -23,11 +23,6 @@ HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
 MATMUL = HEADER + """
 g (float[N, 32] x) => (float[N, 32] y) <float[32, 32] w = {0.0}> { y = MatMul (x, w) }"""
 
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def q_doc(model: onnx.ModelProto) -> str:
