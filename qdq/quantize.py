@@ -102,7 +102,7 @@ def quantize(
         model: a path to an ``.onnx`` file or a ModelProto (never modified).
         calibration_data: an ``.npz`` path, a folder of them, ``{input: array}``, or an iterable of such dicts
             (each fed as one run). Needed unless ``ranges`` covers every tensor to quantize.
-        config: options; the defaults are entropy calibration and int8 per-channel weights.
+        config: options; the defaults are MSE calibration, ``optimize=1`` and int8 per-channel weights.
         ranges: known amax per tensor; tensors it lacks are calibrated.
         evaluation_data: data to compare the float and quantized models on (same forms as calibration_data).
         labels: class labels for ``evaluation_data``, for accuracy.
