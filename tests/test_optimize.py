@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import initializer, nodes_by_op, parse, run_ort
+from conftest import DIGITS, initializer, nodes_by_op, parse, run_ort
 
 import qdq
 from qdq.config import QuantizeConfig
@@ -267,3 +267,15 @@ def test_explain_lists_each_technique_and_what_it_skips(rng, tmp_path, capsys):
         main(["explain", str(path), "--techniques", "magic"])
     assert exit_info.value.code == 2
     assert "unknown technique 'magic'" in capsys.readouterr().err
+
+
+def test_weight_techniques_stay_off_past_the_large_model_budget(monkeypatch):
+    """Past LARGE_MODEL_BYTES the techniques would copy the weights (8x the weights seen on 2.2 GB): said, not run."""
+    import qdq.optimize.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "LARGE_MODEL_BYTES", 1)  # the digits model is "large" now
+    result = qdq.quantize(DIGITS / "digits.onnx", calibration_data=DIGITS / "calib.npz",
+                          config=qdq.QuantizeConfig(optimize=1))
+    notes = " | ".join(result.report.notes)
+    assert "bias-correction skipped: the model holds" in notes, notes
+    assert "calibration-data SQNR" not in notes, notes

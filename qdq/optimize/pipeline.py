@@ -8,12 +8,14 @@ import onnx
 
 from qdq.calibrate.data import Dataset
 from qdq.config import QuantizeConfig
+from qdq.graph import tensor_bytes
 from qdq.optimize import RELAXATION_ITERATIONS, chosen_techniques
 from qdq.optimize.equalize import equalize
 from qdq.optimize.smoothquant import smooth
 from qdq.optimize.weights import optimize_weights
 from qdq.placement.plan import QuantPlan
 from qdq.ranges import TensorRanges
+from qdq.runtime import LARGE_MODEL_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
     if ranges_given:
         return model, logged([f"{' and '.join(wanted)} skipped: ranges were given, and they describe the "
                               "untransformed model's tensors"])
+    if too_large := over_budget(model, wanted):
+        return model, logged([too_large])
     notes: list[str] = []
     if "equalize" in wanted:
         model, more = equalize(model, plan)
@@ -56,10 +60,26 @@ def after_calibration(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRan
         return model, logged([f"adaround and bias-correction skipped: they model the int8 grid, not {config.scheme}"])
     if data is None:
         return model, logged(["adaround and bias-correction skipped: they need calibration data"])
+    if too_large := over_budget(model, [t for t, on in (("adaround", rounding), ("bias-correction", bias)) if on]):
+        return model, logged([too_large])
     model, notes = optimize_weights(model, plan, ranges, data,
                                     rounding_iterations=RELAXATION_ITERATIONS if rounding else None,
                                     bias_correction=bias)
     return model, logged(notes)
+
+
+def over_budget(model: onnx.ModelProto, techniques: list[str]) -> str | None:
+    """A note when the model's weights are too large for the techniques, which rewrite them in in-memory copies.
+
+    From LARGE_MODEL_BYTES of weights on, qdq feeds weights to ONNX Runtime zero-copy and keeps peak memory near
+    2.3x the weights; a copy of the model per technique would multiply that (8x seen on a 2.2 GB model).
+    """
+    weights = sum(tensor_bytes(i) for i in model.graph.initializer)
+    if weights < LARGE_MODEL_BYTES:
+        return None
+    return (f"{' and '.join(techniques)} skipped: the model holds {weights / 2**30:.1f} GiB of weights, and these "
+            f"techniques rewrite copies of them in memory (from {LARGE_MODEL_BYTES / 2**30:.0f} GiB on, qdq keeps "
+            "memory near 2.3x the weights); --optimize 0 says the same without this note")
 
 
 def logged(notes: list[str]) -> list[str]:
