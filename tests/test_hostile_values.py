@@ -129,12 +129,16 @@ def test_a_zero_size_conv_weight_is_a_model_error(tmp_path, capsys):
 
 # --- scalar (rank-0) inputs: the stacked layout (N,) ----------------------------------------------------------------
 
+# A scalar input s scales the activation a MatMul reads.
+SCALED = HEADER + """
+g (float s, float[N, 32] a) => (float[N, 32] y) <float[32, 32] w = {0.0}> {
+  b = Mul (a, s)
+  y = MatMul (b, w)
+}"""
+
+
 def test_a_scalar_input_calibrates_from_the_stacked_layout(rng):
-    model = parse(HEADER + """
-    g (float s, float[N, 32] a) => (float[N, 32] y) <float[32, 32] w = {0.0}> {
-      b = Mul (a, s)
-      y = MatMul (b, w)
-    }""", rng)
+    model = parse(SCALED, rng)
     data = {"s": np.array([0.5, 1.0, 2.0], np.float32), "a": rng.normal(size=(3, 2, 32)).astype(np.float32)}
     result = qdq.quantize(model, data, evaluation_data=data)
     assert result.report.comparison.outputs[0].sqnr_db > 30, "stacked scalars must be fed as 0-d arrays"
@@ -159,11 +163,7 @@ def test_a_scalar_bool_condition_of_an_if_calibrates(rng):
 
 
 def test_a_zero_dim_array_for_a_scalar_input_says_how_to_stack(rng):
-    model = parse(HEADER + """
-    g (float s, float[N, 32] a) => (float[N, 32] y) <float[32, 32] w = {0.0}> {
-      b = Mul (a, s)
-      y = MatMul (b, w)
-    }""", rng)
+    model = parse(SCALED, rng)
     with pytest.raises(DataError, match=r"is a scalar: stack its samples along a first axis, shape \(N,\)"):
         qdq.quantize(model, {"s": np.float32(1.0), "a": rng.normal(size=(2, 32)).astype(np.float32)})
 
