@@ -15,7 +15,12 @@ What it measures (SQNR of the main output against the float model, ``qdq.runtime
   one of them quantizes;
 - ranges: qdq's placement with Model Optimizer's amax (``ranges=`` for the tensors both quantize) and the
   per-tensor amax ratio where they differ most;
-- optional qdq variants (``--variants``): ``QuantizeConfig`` fields as JSON, e.g. ``'{"method": "max"}'``.
+- optional qdq variants (``--variants``): ``QuantizeConfig`` fields as JSON, e.g. ``'{"method": "max"}'``;
+- ``--attribute``: per quantized activation, in graph order, its own Q/DQ error (local), the error accumulated up
+  to it, and its worst channel (``qdq.compare.attribute_error``, default configuration);
+- ``--imbalance THR``: depthwise Convs whose input's channel ranges are imbalanced (median over channels of the
+  per-channel max |x|, over the tensor's max |x|, below THR, on 8 calibration samples), and the default
+  configuration with those Convs left float (``exclude_nodes``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import collections
 import json
 import logging
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +44,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from versus import MODELS, batch_of, batches, load, metrics, quantize_modelopt, run  # noqa: E402
 
-from qdq import QuantizeConfig, TensorRanges, quantize  # noqa: E402
+from qdq import QuantizeConfig, TensorRanges, prepare, quantize  # noqa: E402
+from qdq.calibrate.data import input_specs, open_data  # noqa: E402
+from qdq.compare import attribute_error  # noqa: E402
+from qdq.runtime import quantized_session  # noqa: E402
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -113,6 +122,36 @@ def consumers_by_op(model: onnx.ModelProto, names: set[str]) -> collections.Coun
     return count
 
 
+def attribution(model, eval_n: int) -> None:
+    """Per quantized activation in graph order: local and accumulated SQNR, worst channel, amax and its source."""
+    prepared, _ = prepare(onnx.load(str(model.path)))
+    result = quantize(model.path, model.calib)
+    data = open_data({k: v[:eval_n] for k, v in load(model.eval).items()}, input_specs(prepared))
+    order = [i.name for i in prepared.graph.input] + [o for n in prepared.graph.node for o in n.output]
+    position = {t: i for i, t in enumerate(order)}
+    print("\n| tensor | local dB | accumulated dB | worst channel dB | amax |\n|---|---:|---:|---:|---:|")
+    for e in sorted(attribute_error(prepared, result.model, data), key=lambda e: position.get(e.tensor, 0)):
+        print(f"| {e.tensor} | {e.local.sqnr_db:.2f} | {e.total.sqnr_db:.2f} | {e.worst_channel_db:.2f} | "
+              f"{result.ranges.amax.get(e.tensor, float('nan')):.4g} ({result.ranges.source(e.tensor)}) |")
+
+
+def imbalanced_depthwise(model, threshold: float) -> list[str]:
+    """Depthwise Convs whose input has median(channel max |x|) / max |x| below ``threshold`` (8 calib samples)."""
+    prepared, _ = prepare(onnx.load(str(model.path)))
+    depthwise = [n for n in prepared.graph.node if n.op_type == "Conv"
+                 and next((a.i for a in n.attribute if a.name == "group"), 1) > 1]
+    names = sorted({n.input[0] for n in depthwise})
+    session = quantized_session(prepared, exposing=names)
+    channel_max = dict.fromkeys(names, 0.0)
+    for feed in batches({k: v[:8] for k, v in load(model.calib).items()}, batch_of(prepared)):
+        for name, value in zip(names, session.run(names, feed), strict=True):
+            channel_max[name] = np.maximum(channel_max[name], np.abs(value).max(axis=(0, 2, 3)))
+    ratio = {t: float(np.median(c) / c.max()) for t, c in channel_max.items()}
+    print(f"\ndepthwise Convs: {len(depthwise)}; input ratios, lowest:",
+          sorted((round(r, 3), t) for t, r in ratio.items())[:8])
+    return [n.name for n in depthwise if ratio[n.input[0]] < threshold]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=list(MODELS))
@@ -120,6 +159,8 @@ def main() -> None:
     parser.add_argument("--mo-method", default="max")
     parser.add_argument("--variants", nargs="*", default=[], help="QuantizeConfig fields as JSON, one per variant")
     parser.add_argument("--skip-mo", action="store_true")
+    parser.add_argument("--attribute", action="store_true")
+    parser.add_argument("--imbalance", type=float, help="e.g. 0.15")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     model = MODELS[args.model]
@@ -141,6 +182,15 @@ def main() -> None:
     score("qdq --optimize 0, activations only", activations_only(float_weights))
     for variant in args.variants:
         score(f"qdq {variant}", quantize(model.path, model.calib, config=QuantizeConfig(**json.loads(variant))).model)
+    if args.attribute:
+        attribution(model, args.eval_n)
+    if args.imbalance is not None:
+        chosen = imbalanced_depthwise(model, args.imbalance)
+        pattern = "^(" + "|".join(re.escape(n) for n in chosen) + ")$"
+        print(f"left float ({len(chosen)}): {chosen}")
+        config = QuantizeConfig(exclude_nodes=(pattern,) if chosen else ())
+        score(f"qdq default, {len(chosen)} imbalanced depthwise Convs float",
+              quantize(model.path, model.calib, config=config).model)
     if args.skip_mo:
         return
     with tempfile.TemporaryDirectory() as tmp:
