@@ -5,8 +5,9 @@ Each measurement runs in a fresh subprocess (peak RSS is per process). Run by ha
     python benchmarks/calibration.py                 # the README tables (about 30 minutes on 2 cores)
     python benchmarks/calibration.py --quick         # 64 samples only
 
-Models: a ResNet-50 (the ONNX wheel's topology, random weights, dynamic batch) at 224×224 and a BERT-style encoder
-(6 layers, hidden 512, 8 heads, sequence 128), both fed in batches of 8 from an .npz file on disk.
+Models: a ResNet-50 (the ONNX wheel's topology, random weights, dynamic batch) at 224×224, a YOLOv8n-sized detector
+at 320×320 (``benchmarks/make_yolov8n.py``, needs torch once) and a BERT-style encoder (6 layers, hidden 512, 8
+heads, sequence 128), all fed in batches of 8 from an .npz file on disk.
 Baseline: an ORT session with default optimisations running the float model over the same batches.
 """
 
@@ -54,12 +55,16 @@ def encoder() -> onnx.ModelProto:
 def prepare_files(name: str, samples: int) -> tuple[Path, Path]:
     CACHE.mkdir(parents=True, exist_ok=True)
     model_path, data_path = CACHE / f"{name}.onnx", CACHE / f"{name}-{samples}.npz"
+    if not model_path.exists() and name == "yolov8n":
+        raise SystemExit(f"{model_path} is missing: run `python benchmarks/make_yolov8n.py` (needs torch) first")
     if not model_path.exists():
         onnx.save(resnet50() if name == "resnet50" else encoder(), str(model_path))
     if not data_path.exists():
         rng = np.random.default_rng(1)
         if name == "resnet50":
             arrays = {"gpu_0/data_0": rng.normal(0, 1, (samples, 3, 224, 224)).astype(np.float32)}
+        elif name == "yolov8n":
+            arrays = {"images": rng.random((samples, 3, 320, 320), dtype=np.float32)}
         else:
             from encoder import encoder_inputs
 
