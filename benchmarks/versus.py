@@ -28,6 +28,10 @@ Configurations:
 - Model Optimizer: ``modelopt.onnx.quantization.quantize``, INT8, ``calibration_eps=["cpu"]``, with its ``max`` and
   ``entropy`` calibration; ``high_precision_dtype="fp32"`` (its default fp16 would add FP16 rounding to what it
   leaves unquantized, which is no part of INT8 calibration; qdq and ORT leave those parts fp32 too).
+ORT and Model Optimizer each run in a fresh process (Model Optimizer patches ORT's calibrators process-wide).
+ORT's Entropy and Percentile keep every calibration batch's activations: on the layout detector (32 samples of
+800x608) and the recogniser (64 lines, a 6625-class Softmax) they were killed for memory (13-19 GB) on this 24 GB
+machine; a failed configuration is a row that says so, not a crash.
 This is one of the two places (with techniques.py) that import ``onnxruntime.quantization`` and ``modelopt``: qdq
 never wraps a competitor.
 """
