@@ -97,6 +97,7 @@ QDQ = {
     "percentile": {"method": "percentile"},
     "auto": {"method": "auto"},
     "optimize2": {"optimize": 2},
+    "uneven-depthwise-only": {"techniques": ("uneven-depthwise",)},
 }
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 MODELOPT_METHODS = ("max", "entropy")

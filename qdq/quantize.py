@@ -25,7 +25,7 @@ from qdq.graph import structure_only
 from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.ops import CONTROL_FLOW_OPS, WEIGHTED_OPS
-from qdq.optimize.pipeline import after_calibration, before_calibration, describe_techniques
+from qdq.optimize.pipeline import after_calibration, before_calibration, describe_techniques, refine_plan
 from qdq.passes.base import run_passes
 from qdq.passes.fold_batchnorm import FoldBatchNorm
 from qdq.passes.fold_constants import FoldConstants
@@ -138,6 +138,8 @@ def quantize(
     # ``working`` is what gets quantized (float-exact rewrites, then re-rounded weights); ``prepared`` stays the
     # float reference the output is compared with.
     working, technique_notes = before_calibration(prepared, plan, calibration, config, ranges_given=ranges is not None)
+    notes.extend(technique_notes)
+    plan, technique_notes = refine_plan(working, plan, calibration, config)
     notes.extend(technique_notes)
     used = plan_ranges(working, plan, calibration, config, ranges, notes, progress=progress)
     if config.target_sqnr is not None or config.max_top1_drop is not None:

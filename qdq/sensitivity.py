@@ -16,7 +16,7 @@ from qdq.calibrate.data import Dataset
 from qdq.compare import OutputMetrics, compare_models
 from qdq.errors import DataError
 from qdq.passes.materialize import MaterializeQDQ
-from qdq.placement.plan import Decision, QuantPlan
+from qdq.placement.plan import QuantPlan
 from qdq.ranges import TensorRanges
 from qdq.runtime import Session
 from qdq.scheme import INT8, Scheme
@@ -54,12 +54,8 @@ class SensitivityReport:
 
 def restrict(plan: QuantPlan, quantized: set[str]) -> QuantPlan:
     """The plan with only the nodes in ``quantized`` keeping their Q/DQ."""
-    decisions = tuple(d if d.node in quantized or not d.quantized else
-                      Decision(d.node, d.op, False, "fallback", "left float by sensitivity analysis")
-                      for d in plan.decisions)
-    kept = {q.tensor for d in decisions for q in d.inputs if q.kind == "activation"}
-    groups = tuple(g for g in (tuple(t for t in group if t in kept) for group in plan.shared_scales) if len(g) > 1)
-    return QuantPlan(decisions, shared_scales=groups)
+    return plan.leaving_float({d.node: ("fallback", "left float by sensitivity analysis")
+                               for d in plan.quantized_nodes() if d.node not in quantized})
 
 
 class Evaluator:

@@ -7,15 +7,16 @@ techniques; 2 adds learned rounding. Each technique is a separate module and can
   smoothquant      SmoothQuant migration for MatMul/Gemm fed by LayerNormalization (float-exact)
   adaround         learned rounding: each weight rounded up or down for its layer's output error
   bias-correction  the mean output shift of weight quantization folded into the biases
+  uneven-depthwise depthwise Convs whose input channel ranges are very uneven left float (a placement change)
 """
 
 from __future__ import annotations
 
-TECHNIQUES: tuple[str, ...] = ("equalize", "smoothquant", "adaround", "bias-correction")
+TECHNIQUES: tuple[str, ...] = ("equalize", "smoothquant", "adaround", "bias-correction", "uneven-depthwise")
 LEVELS: dict[int, tuple[str, ...]] = {
     0: (),
-    1: ("smoothquant", "bias-correction"),
-    2: ("equalize", "smoothquant", "adaround", "bias-correction"),
+    1: ("smoothquant", "bias-correction", "uneven-depthwise"),
+    2: ("equalize", "smoothquant", "adaround", "bias-correction", "uneven-depthwise"),
 }
 # Iterations of AdaRound's soft relaxation before the greedy flips. 0: measured on the sample models
 # (benchmarks/techniques.py), 200 iterations took 5-100x longer than the flips alone and ended within 0.3 dB of

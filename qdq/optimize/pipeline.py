@@ -10,6 +10,7 @@ from qdq.calibrate.data import Dataset
 from qdq.config import QuantizeConfig
 from qdq.graph import tensor_bytes
 from qdq.optimize import RELAXATION_ITERATIONS, chosen_techniques
+from qdq.optimize.depthwise import depthwise_sites, leave_uneven_depthwise
 from qdq.optimize.equalize import equalize
 from qdq.optimize.smoothquant import smooth
 from qdq.optimize.weights import optimize_weights
@@ -46,6 +47,20 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
             model, more = smooth(model, plan, data, config, branches=config.optimize >= 2)
             notes.extend(more)
     return model, logged(notes)
+
+
+def refine_plan(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, config: QuantizeConfig
+                ) -> tuple[QuantPlan, list[str]]:
+    """Placement changes that need data: depthwise Convs with uneven input channels left float.
+
+    Runs on the model calibration will see (after equalization, which can even the channels out).
+    """
+    if "uneven-depthwise" not in chosen_techniques(config.optimize, config.techniques) or not plan:
+        return plan, []
+    if data is None:
+        return plan, logged(["uneven-depthwise skipped: it needs calibration data"])
+    plan, notes = leave_uneven_depthwise(model, plan, data)
+    return plan, logged(notes)
 
 
 def after_calibration(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, data: Dataset | None,
@@ -105,6 +120,10 @@ def describe_techniques(model: onnx.ModelProto, plan: QuantPlan, config: Quantiz
         lines += [f"  smoothquant candidate: {s.norm} -> {', '.join(layer.node for layer in s.layers)} "
                   "(alpha chosen on the calibration data, or left alone)" for s in sites]
         lines += [f"  smoothquant skips {s}" for s in skipped]
+    if "uneven-depthwise" in chosen:
+        sites = depthwise_sites(model, plan)
+        lines.append(f"  uneven-depthwise: {len(sites)} depthwise Convs, each left float if its input channels' ranges "
+                     "turn out uneven on the calibration data")
     if "adaround" in chosen or "bias-correction" in chosen:
         layers, skipped = find_layers(model, plan)
         which = " and ".join(t for t in ("adaround", "bias-correction") if t in chosen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,6 +69,15 @@ class QuantPlan:
                 if q.kind == "weight":
                     uses[(q.tensor, q.axis)].append((d.node, q.index))
         return {key: sorted(uses[key]) for key in sorted(uses, key=lambda k: (k[0], -1 if k[1] is None else k[1]))}
+
+    def leaving_float(self, reasons: Mapping[str, tuple[str, str]]) -> QuantPlan:
+        """The plan with the quantized nodes in ``reasons`` (node -> (rule, reason)) left float, and the scale
+        groups narrowed to the tensors still quantized."""
+        decisions = tuple(Decision(d.node, d.op, False, *reasons[d.node]) if d.quantized and d.node in reasons
+                          else d for d in self.decisions)
+        kept = {q.tensor for d in decisions for q in d.inputs if q.kind == "activation" and d.quantized}
+        groups = tuple(g for g in (tuple(t for t in group if t in kept) for group in self.shared_scales) if len(g) > 1)
+        return QuantPlan(decisions, shared_scales=groups)
 
     def activation_names(self) -> list[str]:
         return list(self.activations())

@@ -1,0 +1,103 @@
+"""Leave float the depthwise Convs whose input channels have very uneven ranges.
+
+A depthwise Conv computes each output channel from one input channel alone, and TensorRT quantizes activations
+per tensor: when a few input channels reach 30 and the rest stay below 0.1, one INT8 scale rounds the small
+channels to zero and the Conv, which may scale each channel by large BN-folded weights, passes that loss on
+undiluted. No choice of range helps (clip the large channels or lose the small ones), and weight-side
+techniques cannot reach it. Found on PaddleOCR's PP-OCRv4 text detector and recogniser and a PicoDet layout
+detector (learnable affine blocks and HardSwish before the depthwise Convs): leaving only these Convs float took
+the text detector from 12.6 to 15.0 dB, the recogniser from 13.8 to 15.9 dB and the layout model from 0.7 to
+17.6 dB at the defaults (benchmarks/versus.py).
+The price is speed: TensorRT runs these layers in FP16 or FP32, with reformats around them.
+
+The channel ranges are read on the first ``SAMPLES`` calibration samples, before calibration, so the ranges are
+then measured only for what stays quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from qdq.calibrate.auto import first_samples
+from qdq.calibrate.data import Dataset
+from qdq.graph import GraphIndex
+from qdq.placement.plan import QuantPlan
+from qdq.runtime import session_exposing
+
+SAMPLES = 32
+# Median channel max / largest channel max below which the Conv stays float. Measured with
+# benchmarks/versus.py: the PicoDet layout detector read 11.9 dB at 0.15, 14.8 at 0.20, 17.6 at 0.25 and 17.9 at
+# 0.30 (its 37 depthwise inputs range from 0.03 to 0.43), but PP-OCRv4's recogniser fell from 15.9 to 14.7 dB at
+# 0.30; trained models where INT8 was fine there (PP-OCR's direction classifier, a MobileNet-style CNN) have no
+# depthwise input below 0.29.
+THRESHOLD = 0.25
+RULE = "uneven-depthwise"
+
+
+@dataclass(frozen=True)
+class Site:
+    """A quantized depthwise Conv and the activation it reads."""
+
+    node: str
+    tensor: str
+
+
+def depthwise_sites(model: onnx.ModelProto, plan: QuantPlan) -> list[Site]:
+    """The quantized Convs with one input channel per group (group > 1, weight ``[C_out, 1, ...]``)."""
+    index = GraphIndex(model)
+    nodes = {n.name: n for n in model.graph.node}
+    sites = []
+    for decision in plan.quantized_nodes():
+        node = nodes.get(decision.node)
+        if node is None or node.op_type != "Conv":
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        weight = index.constants.get(node.input[1]) if len(node.input) > 1 else None
+        if group > 1 and weight is not None and len(weight.dims) >= 3 and weight.dims[1] == 1:
+            sites.append(Site(decision.node, node.input[0]))
+    return sites
+
+
+def channel_maxima(model: onnx.ModelProto, tensors: list[str], data: Dataset) -> tuple[dict[str, np.ndarray], int]:
+    """Each tensor's max |x| per channel (axis 1) over the first ``SAMPLES`` samples, and the samples read."""
+    batches = first_samples(data, SAMPLES)
+    session = session_exposing(model, tensors, what="the model (reading depthwise input channels)")
+    maxima: dict[str, np.ndarray] = {}
+    for batch in batches:
+        for name, value in zip(tensors, session.run(tensors, batch.feeds), strict=True):
+            if value.ndim < 2 or value.size == 0:
+                continue
+            axes = tuple(a for a in range(value.ndim) if a != 1)
+            found = np.nanmax(np.abs(value), axis=axes) if np.isnan(value).any() else np.abs(value).max(axis=axes)
+            maxima[name] = found if name not in maxima else np.maximum(maxima[name], found)
+    return maxima, sum(b.samples for b in batches)
+
+
+def balance(channel_max: np.ndarray) -> float:
+    """Median channel max over the largest (1.0: even; near 0: a few channels dominate)."""
+    finite = channel_max[np.isfinite(channel_max)]
+    top = float(finite.max(initial=0.0))
+    return 1.0 if top == 0.0 else float(np.median(finite)) / top
+
+
+def leave_uneven_depthwise(model: onnx.ModelProto, plan: QuantPlan, data: Dataset) -> tuple[QuantPlan, list[str]]:
+    """``plan`` with the depthwise Convs whose input channel ranges are uneven left float, and a note."""
+    sites = depthwise_sites(model, plan)
+    if not sites:
+        return plan, []
+    maxima, samples = channel_maxima(model, sorted({s.tensor for s in sites}), data)
+    reasons = {}
+    for site in sites:
+        if site.tensor in maxima and (ratio := balance(maxima[site.tensor])) < THRESHOLD:
+            reasons[site.node] = (RULE, f"depthwise Conv whose input channels are uneven (median channel max "
+                                        f"{ratio:.3f} of the largest on {samples} samples, below {THRESHOLD}): "
+                                        "one per-tensor INT8 scale would round its small channels to zero")
+    if not reasons:
+        return plan, []
+    shown = ", ".join(list(reasons)[:3]) + (", ..." if len(reasons) > 3 else "")
+    return plan.leaving_float(reasons), [
+        f"uneven-depthwise: {len(reasons)} of {len(sites)} depthwise Convs left float ({shown}): their input "
+        f"channels' ranges differ by more than 1/{THRESHOLD:.2f} between the median and the largest"]
