@@ -43,7 +43,7 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
         if data is None:
             notes.append("smoothquant skipped: it needs calibration data")
         else:
-            model, more = smooth(model, plan, data, config, branches=config.optimize >= 2)
+            model, more = smooth(model, plan, data, config)
             notes.extend(more)
     return model, logged(notes)
 
