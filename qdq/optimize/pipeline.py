@@ -103,7 +103,8 @@ def describe_techniques(model: onnx.ModelProto, plan: QuantPlan, config: Quantiz
     if "smoothquant" in chosen:
         sites, skipped = smoothing_sites(model, plan)
         lines += [f"  smoothquant candidate: {s.norm} -> {', '.join(layer.node for layer in s.layers)} "
-                  "(alpha chosen on the calibration data, or left alone)" for s in sites]
+                  f"({'a Mul on the branch' if s.needs_mul else 'into the LayerNorm'}; alpha chosen on the "
+                  "calibration data, or left alone)" for s in sites]
         lines += [f"  smoothquant skips {s}" for s in skipped]
     if "adaround" in chosen or "bias-correction" in chosen:
         layers, skipped = find_layers(model, plan)
