@@ -153,10 +153,12 @@ def measure(model: onnx.ModelProto, reference: list[np.ndarray], data: dict[str,
             for r, g in zip(reference, got, strict=True)]
     real = data["attention_mask"].astype(bool)  # the token embeddings of real tokens (what pooling reads)
     error = reference[0][real] - got[0][real]
-    real_sqnr = 10 * np.log10(np.square(reference[0][real], dtype=np.float64).sum() / np.square(error, dtype=np.float64).sum())
+    real_sqnr = 10 * np.log10(np.square(reference[0][real], dtype=np.float64).sum()
+                              / np.square(error, dtype=np.float64).sum())
     a, b = reference[1].astype(np.float64), got[1].astype(np.float64)
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return {"tokens": sqnr[0], "real": real_sqnr, "sentence": sqnr[1], "cosine": float(cosine.mean()), "cosine_min": float(cosine.min())}
+    return {"tokens": sqnr[0], "real": real_sqnr, "sentence": sqnr[1], "cosine": float(cosine.mean()),
+            "cosine_min": float(cosine.min())}
 
 
 def nncf_model(smooth: bool) -> onnx.ModelProto:
@@ -185,7 +187,8 @@ def main() -> None:
     model = onnx.load(str(MODEL))
     evaluation = dict(np.load(FOLDER / "eval.npz"))
     reference = float_outputs(model, evaluation)
-    print("| configuration | SQNR tokens dB | SQNR real tokens dB | SQNR sentence dB | cosine mean | cosine min | time s |")
+    print("| configuration | SQNR tokens dB | SQNR real tokens dB | SQNR sentence dB | cosine mean | cosine min "
+          "| time s |")
     print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
     if args.only != "nncf":
         for label, options in ROWS:
@@ -204,8 +207,8 @@ def main() -> None:
 
 
 def line(label: str, m: dict, seconds: float) -> None:
-    print(f"| {label} | {m['tokens']:.2f} | {m['real']:.2f} | {m['sentence']:.2f} | {m['cosine']:.5f} | {m['cosine_min']:.5f} | "
-          f"{seconds:.1f} |", flush=True)
+    print(f"| {label} | {m['tokens']:.2f} | {m['real']:.2f} | {m['sentence']:.2f} | {m['cosine']:.5f} | "
+          f"{m['cosine_min']:.5f} | {seconds:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
