@@ -219,7 +219,7 @@ def test_smoothquant_leaves_the_float_model_unchanged_and_flattens_the_activatio
             g[[3, 11]] = 30.0
             init.CopyFrom(onnx.numpy_helper.from_array(g, init.name))
     prepared, plan = prepared_plan(model)
-    x = rng.normal(size=(8, 6, 16)).astype(np.float32)
+    x = rng.normal(size=(40, 6, 16)).astype(np.float32)
     from qdq.calibrate.data import input_specs, open_data
 
     data = open_data({"x": x}, input_specs(prepared))
@@ -256,7 +256,7 @@ def test_smoothquant_divides_any_layer_input_with_a_mul_and_leaves_the_float_mod
             w1[:, [5, 20]] *= 40.0
             init.CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
     prepared, plan = prepared_plan(model)
-    x = rng.normal(size=(8, 6, 16)).astype(np.float32)
+    x = rng.normal(size=(40, 6, 16)).astype(np.float32)
     from qdq.calibrate.data import input_specs, open_data
 
     data = open_data({"x": x}, input_specs(prepared))
@@ -271,6 +271,9 @@ def test_smoothquant_divides_any_layer_input_with_a_mul_and_leaves_the_float_mod
     before = np.abs(run_ort(prepared, {"x": x}, ["r"])[0]).reshape(-1, 32).max(0)
     after = np.abs(run_ort(smoothed, {"x": x}, ["r"])[0]).reshape(-1, 32).max(0)
     assert spread(after) < 0.5 * spread(before), (spread(before), spread(after))
+    few = open_data({"x": x[:8]}, input_specs(prepared))
+    _, notes = smooth(prepared, plan, few, QuantizeConfig(), branches=True)
+    assert "1 that need a Mul left alone: 8 calibration samples, they need 32" in " ".join(notes), notes
 
 
 def test_smoothquant_factors_follow_the_published_formula(rng):

@@ -37,7 +37,12 @@ from qdq.scheme import symmetric_scale, weight_amax
 log = logging.getLogger(__name__)
 
 ALPHAS = (0.3, 0.5, 0.65, 0.8, 0.95, 1.0)
-SAMPLE_ROWS = 2048  # calibration rows per LayerNorm kept for choosing alpha (a seeded random subset)
+SAMPLE_ROWS = 2048
+# A Mul site (anything but a LayerNorm that absorbs the division) needs this many calibration samples: its channel
+# maxima from 8 are not those of new data. A GRU's output (corpus gru_kws, 8 samples) had a channel 5x above its
+# calibration maximum on held-out data; alpha 0.5 looked better on both halves of the 8 and lost 20 dB. LayerNorm
+# outputs are normalised per row, and their maxima hold up (the corpus transformers keep their floors).
+MIN_SAMPLES = 32  # calibration rows per LayerNorm kept for choosing alpha (a seeded random subset)
 
 
 @dataclass(frozen=True)
@@ -166,11 +171,14 @@ def smooth(model: onnx.ModelProto, plan: QuantPlan, data: Dataset, config: Quant
     out = onnx.ModelProto()
     out.CopyFrom(model)
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    applied, classifier_inputs = [], []
+    applied, classifier_inputs, few_samples = [], [], []
     for site in sites:
         seen = observed[site.output]
         if site.needs_mul and seen.rank < 3:
             classifier_inputs.append(site.norm)  # [batch, features]: no token rows whose channels repeat
+            continue
+        if site.needs_mul and seen.samples < MIN_SAMPLES:
+            few_samples.append(site.norm)
             continue
         factors, alpha = choose_factors(site, weights, seen, rng)
         if factors is None:
@@ -179,11 +187,13 @@ def smooth(model: onnx.ModelProto, plan: QuantPlan, data: Dataset, config: Quant
         xmax = seen.channel_max
         applied.append(f"{site.norm} (alpha {alpha}, {len(site.layers)} layers, channel max/median "
                        f"{spread(xmax):.1f} -> {spread(xmax / factors):.1f})")
-    kept = len(sites) - len(applied) - len(classifier_inputs)
+    kept = len(sites) - len(applied) - len(classifier_inputs) - len(few_samples)
     notes.append(f"smoothquant on {len(applied)} of {len(sites)} activations: {', '.join(applied) or 'none'}"
                  + (f"; {len(classifier_inputs)} left alone (a Mul would be needed on a [batch, features] "
                     "input: a classifier's, with no token rows whose channels repeat)"
                     if classifier_inputs else "")
+                 + (f"; {len(few_samples)} that need a Mul left alone: {observed[sites[0].output].samples} "
+                    f"calibration samples, they need {MIN_SAMPLES}" if few_samples else "")
                  + (f"; {kept} kept as they were (no alpha lowered the output error)" if kept else ""))
     return out, notes
 
@@ -198,6 +208,7 @@ class Observed:
     """One activation over the calibration data, split by sample into two halves (even and odd samples)."""
 
     rank: int = 0
+    samples: int = 0
     channel_max: np.ndarray | None = None  # per channel max|x| over all data
     half_max: list = field(default_factory=lambda: [None, None])  # the same over each half
     half_rows: list = field(default_factory=lambda: [[], []])  # a seeded sample of each half's rows
@@ -206,6 +217,7 @@ class Observed:
         self.rank = value.ndim
         per_sample = value.reshape(value.shape[0], -1, value.shape[-1]) if value.ndim > 1 else value.reshape(1, 1, -1)
         parity = (first_sample + np.arange(len(per_sample))) % 2
+        self.samples += len(per_sample)
         for half in (0, 1):
             flat = per_sample[parity == half].reshape(-1, per_sample.shape[-1]).astype(np.float64)
             if not len(flat):
