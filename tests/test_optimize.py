@@ -223,16 +223,17 @@ def test_smoothquant_leaves_the_float_model_unchanged_and_flattens_the_activatio
     from qdq.calibrate.data import input_specs, open_data
 
     data = open_data({"x": x}, input_specs(prepared))
-    smoothed, notes = smooth(prepared, plan, data, QuantizeConfig(), branches=True)
+    smoothed, notes, peaks = smooth(prepared, plan, data, QuantizeConfig(), branches=True)
     for before, after in zip(run_ort(prepared, {"x": x}), run_ort(smoothed, {"x": x}), strict=True):
         np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
     for tensor in ("n", "n2"):  # pre-norm: folded into the LayerNorm; post-norm: a Mul on the layers' branch
         norm_before = run_ort(prepared, {"x": x}, [tensor])[0].reshape(-1, 16)
         norm_after = run_ort(smoothed, {"x": x}, [tensor])[0].reshape(-1, 16)
         assert spread(np.abs(norm_after).max(0)) < 0.5 * spread(np.abs(norm_before).max(0)), tensor
+        np.testing.assert_allclose(peaks[tensor], np.abs(norm_after).max(), rtol=1e-5, err_msg=tensor)
     assert "smoothquant on 2 of 2" in " ".join(notes), notes
     assert len(nodes_by_op(smoothed, "Mul")) == 1, "only the post-norm LayerNorm needs a Mul"
-    _, notes = smooth(prepared, plan, data, QuantizeConfig(), branches=False)
+    _, notes, _ = smooth(prepared, plan, data, QuantizeConfig(), branches=False)
     assert "needs a Mul on the branch to its layers" in " ".join(notes), "skipped without branches, with its reason"
 
 
@@ -260,7 +261,7 @@ def test_smoothquant_divides_any_layer_input_with_a_mul_and_leaves_the_float_mod
     from qdq.calibrate.data import input_specs, open_data
 
     data = open_data({"x": x}, input_specs(prepared))
-    smoothed, notes = smooth(prepared, plan, data, QuantizeConfig(), branches=True)
+    smoothed, notes, _ = smooth(prepared, plan, data, QuantizeConfig(), branches=True)
     np.testing.assert_allclose(run_ort(smoothed, {"x": x})[0], run_ort(prepared, {"x": x})[0], rtol=1e-4, atol=1e-4)
     text = " ".join(notes)
     assert "x: a graph input" in text, notes
@@ -272,8 +273,27 @@ def test_smoothquant_divides_any_layer_input_with_a_mul_and_leaves_the_float_mod
     after = np.abs(run_ort(smoothed, {"x": x}, ["r"])[0]).reshape(-1, 32).max(0)
     assert spread(after) < 0.5 * spread(before), (spread(before), spread(after))
     few = open_data({"x": x[:8]}, input_specs(prepared))
-    _, notes = smooth(prepared, plan, few, QuantizeConfig(), branches=True)
+    _, notes, _ = smooth(prepared, plan, few, QuantizeConfig(), branches=True)
     assert "1 that need a Mul left alone: 8 calibration samples, they need 32" in " ".join(notes), notes
+
+
+def test_quantize_gives_smoothed_activations_their_maximum_as_amax(rng):
+    """Whatever the method, a smoothed activation's amax is its calibration maximum (measured here with ORT)."""
+    model = parse(NORM, rng)
+    g = np.ones(16, np.float32)
+    g[[3, 11]] = 30.0
+    model = with_weight(with_weight(model, "g", g), "g2", g)
+    x = rng.normal(size=(40, 6, 16)).astype(np.float32)
+    result = qdq.quantize(model, {"x": x}, config=QuantizeConfig(method="mse", techniques=("smoothquant",)))
+    assert "smoothquant on 2 of 2" in " ".join(result.report.notes), result.report.notes
+    float_part = qdq.quantize(model, {"x": x}, config=QuantizeConfig(method="mse", optimize=0))
+    assert float_part.ranges.source("n") == "mse"
+    for tensor in ("n", "n2"):
+        assert result.ranges.source(tensor) == "smoothquant: max", result.ranges.sources
+        smoothed_model = onnx.ModelProto()
+        smoothed_model.CopyFrom(result.model)
+        measured = np.abs(run_ort(smoothed_model, {"x": x}, [tensor])[0]).max()
+        np.testing.assert_allclose(result.ranges.amax[tensor], measured, rtol=1e-5, err_msg=tensor)
 
 
 def test_smoothquant_factors_follow_the_published_formula(rng):
@@ -287,7 +307,7 @@ def test_smoothquant_factors_follow_the_published_formula(rng):
     from qdq.calibrate.data import input_specs, open_data
 
     data = open_data({"x": x}, input_specs(prepared))
-    smoothed, notes = smooth(prepared, plan, data, QuantizeConfig(), branches=False)
+    smoothed, notes, _ = smooth(prepared, plan, data, QuantizeConfig(), branches=False)
     applied = [n for n in notes if n.startswith("smoothquant on 1 of 1")]
     assert applied, notes
     alpha = float(applied[0].split("alpha ")[1].split(",")[0])
