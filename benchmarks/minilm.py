@@ -59,6 +59,8 @@ ROWS: list[tuple[str, dict]] = [
     ("--techniques smoothquant --method max", {"method": "max", "techniques": ("smoothquant",)}),
     ("--optimize 2 (mse)", {"optimize": 2}),
     ("--optimize 1 --method max", {"method": "max"}),
+    # NNCF leaves the attention MatMuls (Q·Kᵀ, attention·V) float; qdq quantizes them (TensorRT's int8 attention)
+    ("defaults, attention MatMuls float", {"exclude_nodes": (r"attention/self/MatMul",)}),
 ]
 
 
