@@ -9,6 +9,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from qdq.ops import NONNEGATIVE_OPS, SIGN_KEEPING_OPS
+
 # graphsurgeon logs its own warnings (missing colour module, large folded tensors) to stdout; qdq reports
 # what matters through its own logger.
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
@@ -89,9 +91,13 @@ class GraphIndex:
         self.graph_inputs = {i.name for i in graph.input} - set(self.constants)
         self.graph_outputs = {o.name for o in graph.output}
         self.types = {name: t.data_type for name, t in self.constants.items()}
+        self.ranks = {name: len(t.dims) for name, t in self.constants.items()}
         for info in (*graph.input, *graph.value_info, *graph.output):
             if info.type.HasField("tensor_type"):
                 self.types.setdefault(info.name, info.type.tensor_type.elem_type)
+                if info.type.tensor_type.HasField("shape"):
+                    self.ranks.setdefault(info.name, len(info.type.tensor_type.shape.dim))
+        self._nonnegative: dict[str, bool] = {}
 
     def producer(self, name: str) -> onnx.NodeProto | None:
         return self.producers.get(name)
@@ -113,6 +119,41 @@ class GraphIndex:
 
     def elem_type(self, name: str) -> int | None:
         return self.types.get(name)
+
+    def rank(self, name: str) -> int | None:
+        """The tensor's rank where the graph declares it (value_info after shape inference), else None."""
+        return self.ranks.get(name)
+
+    def nonnegative(self, name: str, *, depth: int = 0) -> bool:
+        """Whether every finite value of the tensor is >= 0 by the ops that make it, whatever the data.
+
+        True for outputs of NONNEGATIVE_OPS, of a Clip whose min is a constant >= 0, and of SIGN_KEEPING_OPS whose
+        data inputs are all nonnegative (a Relu's output after MaxPool and Reshape).
+        """
+        if name not in self._nonnegative:
+            if depth > 64:  # a long chain of copies: "not known" (and no deep recursion)
+                return False
+            self._nonnegative[name] = False  # a cycle (a malformed graph) reads as "not known"
+            self._nonnegative[name] = self._derive_nonnegative(name, depth)
+        return self._nonnegative[name]
+
+    def _derive_nonnegative(self, name: str, depth: int) -> bool:
+        node = self.producers.get(name)
+        if node is None:  # a graph input (unknown) or a constant (read)
+            value = self.value(name)
+            return value is not None and value.size > 0 and bool(np.all(value >= 0))
+        if node.op_type in NONNEGATIVE_OPS:
+            return True
+        if node.op_type == "Clip":
+            low = next((a.f for a in node.attribute if a.name == "min"), None)  # Clip-1 and Clip-6
+            if len(node.input) > 1 and node.input[1]:
+                bound = self.small_value(node.input[1], limit=1)
+                low = None if bound is None else float(bound.reshape(-1)[0])
+            return low is not None and low >= 0.0
+        if node.op_type in SIGN_KEEPING_OPS:
+            data = [t for t in node.input if t] if node.op_type == "Concat" else node.input[:1]
+            return all(self.nonnegative(t, depth=depth + 1) for t in data)
+        return False
 
     def small_value(self, name: str, limit: int = 16) -> np.ndarray | None:
         """A constant's values when it has at most ``limit`` elements (checked on its dims, without loading)."""

@@ -24,6 +24,13 @@ COPY_OPS = RESHAPE_OPS | frozenset({"Slice", "Gather", "Split", "Expand", "Tile"
 
 POOLING_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"})
 
+# Ops whose output is never negative, whatever their input (NaN aside). Clip is one when its min is >= 0.
+NONNEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Softplus", "Abs", "Exp", "Sqrt",
+                             "ReduceL1", "ReduceL2", "ReduceSumSquare"})
+# Ops whose every output value is one of their inputs' values or an average of them: nonnegative inputs give a
+# nonnegative output. (Pad adds a constant and Resize may interpolate cubically: not here.)
+SIGN_KEEPING_OPS = COPY_OPS - {"Pad"} | POOLING_OPS | frozenset({"Concat", "ReduceMax", "ReduceMin", "ReduceMean"})
+
 # Binary arithmetic: what a decomposed LayerNorm (x - mean, var + eps, / std, * gamma + beta) and GELU are made of.
 ARITHMETIC_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
 ACTIVATION_OPS = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid"})

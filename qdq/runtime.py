@@ -110,28 +110,36 @@ def session_exposing(model: onnx.ModelProto, names: list[str], *, optimize: bool
         model.graph.output.extend(original)
 
 
-def session_reducing(model: onnx.ModelProto, names: list[str], *, what: str = "the model") -> tuple[Session, list[str]]:
-    """A session whose outputs are the min, max and sum of each tensor in ``names``, reduced inside ONNX Runtime.
+def session_reducing(model: onnx.ModelProto, names: list[str], *, pooled: frozenset[str] = frozenset(),
+                     what: str = "the model") -> tuple[Session, list[tuple[str, ...]]]:
+    """A session whose outputs reduce each tensor in ``names`` inside ONNX Runtime, for max calibration.
 
-    For max calibration only the extremes matter: reducing in ORT's own threads spares copying every activation
-    out of the session (half the memory). ORT's min and max may skip NaN; the sum does not, so a non-finite sum
-    tells the caller to look at the whole tensor. Returns the session and its output names,
-    ``[min of names[0], max of names[0], sum of names[0], min of names[1], ...]``. The model is restored.
+    Only the extremes matter there: reducing in ORT's own threads spares copying every activation out of the
+    session. A tensor in ``pooled`` (float, rank >= 3, known nonnegative) is reduced by GlobalMaxPool and
+    GlobalAveragePool, to ``[N, C, 1...]``: ORT runs both in its blocked (NCHWc) convolution layout, where
+    ReduceMin/Max would first copy the whole tensor back to NCHW. Any other tensor gets ReduceMin, ReduceMax and
+    ReduceSum. ORT's min and max may skip NaN; sums and averages do not, so a non-finite one tells the caller to
+    look at the whole tensor. Returns the session and, per tensor, its output names: ``(min, max, sum)`` or
+    ``(max, average)``. The model is restored.
     """
     taken = {t for n in model.graph.node for t in (*n.input, *n.output)}
-    outputs, nodes = [], []
+    groups, nodes = [], []
     for name in names:
-        for op in ("ReduceMin", "ReduceMax", "ReduceSum"):
-            out = fresh_name(f"{name}__qdq_{op[6:].lower()}", taken)
-            nodes.append(onnx.helper.make_node(op, [name], [out], name=f"{out}_node", keepdims=0,
-                                               **({"noop_with_empty_axes": 0} if op == "ReduceSum" else {})))
-            outputs.append(out)
+        ops = ("GlobalMaxPool", "GlobalAveragePool") if name in pooled else ("ReduceMin", "ReduceMax", "ReduceSum")
+        group = []
+        for op in ops:
+            out = fresh_name(f"{name}__qdq_{op.lower()}", taken)
+            attrs = {} if op.startswith("Global") else {"keepdims": 0}
+            if op == "ReduceSum":
+                attrs["noop_with_empty_axes"] = 0
+            nodes.append(onnx.helper.make_node(op, [name], [out], name=f"{out}_node", **attrs))
+            group.append(out)
+        groups.append(tuple(group))
     model.graph.node.extend(nodes)
     try:
-        return session_exposing(model, outputs, what=what), outputs
+        return session_exposing(model, [o for g in groups for o in g], what=what), groups
     finally:
         del model.graph.node[len(model.graph.node) - len(nodes):]
-
 
 
 def check_qdq_opset(opset: int, where: str) -> None:

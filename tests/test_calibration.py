@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from conftest import DIGITS, parse
 
@@ -11,11 +12,13 @@ from qdq.calibrate.collect import collect_ranges
 from qdq.calibrate.data import input_specs, open_data
 from qdq.calibrate.histogram import Histogram
 from qdq.calibrate.methods import amax_entropy, amax_entropy_guarded, amax_mse, amax_percentile, kl_divergences
+from qdq.calibrate.observer import OrtObserver
 from qdq.cli import main
 from qdq.config import QuantizeConfig
 from qdq.errors import DataError
 from qdq.placement import plan_quantization
 from qdq.quantize import prepare
+from qdq.runtime import session_exposing
 
 
 def histogram(x: np.ndarray, bins: int = 2048) -> Histogram:
@@ -347,3 +350,44 @@ def test_auto_is_independent_of_batch_sizes_that_divide_its_sample(rng):
     amax = {b: qdq.calibrate(model, {"x": x}, config=QuantizeConfig(method="auto", batch_size=b)).amax["r"]
             for b in (1, 8, 32, 128)}
     assert len(set(amax.values())) == 1, amax
+
+
+# x ─ Conv ─ Relu(r) ─ Conv ─ y      r is nonnegative and 4-D: ORT reduces it by pooling in its blocked layout;
+#                                    the Conv output c is signed: ReduceMin/Max/Sum
+POOLED = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 3, 12, 12] x) => (float[N, 4, 12, 12] y) <float[8, 3, 3, 3] w1 = {0.0}, float[4, 8, 1, 1] w2 = {0.0}> {
+    c = Conv<pads = [1, 1, 1, 1]>(x, w1)
+    r = Relu(c)
+    y = Conv(r, w2)
+}
+"""
+
+
+def whole(model, names, x):
+    """The tensors as the graph computes them (ORT, optimisations off): the reference."""
+    return session_exposing(model, names, optimize=False).run(names, {"x": x})
+
+
+def test_max_ranges_reduced_inside_ort_equal_the_whole_tensors_maxima(rng):
+    model = onnx.shape_inference.infer_shapes(parse(POOLED, rng))  # ranks, as prepare() leaves them
+    x = rng.normal(0, 1, (12, 3, 12, 12)).astype(np.float32)
+    assert [len(group) for group in OrtObserver(model, ["c", "r"], extremes=True).groups] == [3, 2], \
+        "c reduced by ReduceMin/Max/Sum, r by GlobalMaxPool/GlobalAveragePool"
+    ranges = collect_ranges(model, ["c", "r"], open_data({"x": x}, input_specs(model), 5),
+                            QuantizeConfig(method="max").calibration())
+    c, r = whole(model, ["c", "r"], x)
+    assert ranges.amax["c"] == pytest.approx(float(np.abs(c).max()), rel=1e-6)  # fused kernels: float rounding
+    assert ranges.amax["r"] == pytest.approx(float(r.max()), rel=1e-6)
+
+
+def test_a_nan_in_a_pooled_tensor_is_counted(rng, caplog):
+    model = onnx.shape_inference.infer_shapes(parse(POOLED, rng))
+    assert len(OrtObserver(model, ["r"], extremes=True).groups[0]) == 2
+    x = rng.normal(0, 1, (8, 3, 12, 12)).astype(np.float32)
+    x[2, 0, 5, 5] = np.nan  # spreads through the 3x3 Conv to a patch of every channel of r
+    ranges = collect_ranges(model, ["r"], open_data({"x": x}, input_specs(model), 4),
+                            QuantizeConfig(method="max").calibration())
+    (r,) = whole(model, ["r"], x)
+    assert ranges.amax["r"] == pytest.approx(float(np.nanmax(r)), rel=1e-6)
+    assert f"{int(np.isnan(r).sum())} non-finite values" in caplog.text

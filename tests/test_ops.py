@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from conftest import parse
@@ -80,3 +81,45 @@ def test_index_links_and_sort(rng):
     model.graph.node.extend(reversed(nodes))
     sort_nodes(model.graph)
     onnx.checker.check_model(model)  # fails on a node that reads a tensor before it is made
+
+
+# x ─ Relu ─ MaxPool ─ Reshape ─ r          nonnegative through the ops that keep values
+#   ├ Clip[0, 6] ─ c     ├ Clip[-1, 1] ─ k   a Clip is nonnegative when its min is
+#   ├ Sub(a, x) ─ d                          arithmetic is not, even of nonnegative inputs
+#   └ Concat(a, half) ─ cat                  a Concat of nonnegative inputs is
+NONNEGATIVE = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 4, 8, 8] x) => (float[64] r, float[1, 4, 8, 8] c, float[1, 4, 8, 8] k, float[1, 4, 8, 8] d,
+                            float[1, 8, 8, 8] cat) <float[1] lo = {0.0}, float[1] six = {6.0}, float[1] m1 = {-1.0},
+                            float[1] one = {1.0}, float[1, 4, 8, 8] half = {0.5}, int64[1] flat = {64}> {
+    a = Relu(x)
+    p = MaxPool<kernel_shape = [2, 2], strides = [2, 2]>(a)
+    r = Reshape(p, flat)
+    c = Clip(x, lo, six)
+    k = Clip(x, m1, one)
+    d = Sub(a, x)
+    cat = Concat<axis = 1>(a, half)
+}
+"""
+
+
+@pytest.mark.parametrize("name, expected", [("a", True), ("p", True), ("r", True), ("c", True), ("k", False),
+                                            ("d", False), ("x", False), ("cat", True)])
+def test_nonnegative_follows_the_ops_that_make_a_tensor(name, expected):
+    model = onnx.parser.parse_model(NONNEGATIVE)
+    half = next(i for i in model.graph.initializer if i.name == "half")
+    half.CopyFrom(onnx.numpy_helper.from_array(np.full((1, 4, 8, 8), 0.5, np.float32), "half"))
+    assert GraphIndex(model).nonnegative(name) is expected, name
+
+
+def test_nonnegative_gives_up_on_a_long_chain_without_recursing_deeply():
+    chain = "\n".join(f"    t{i + 1} = Identity(t{i})" for i in range(3000))
+    model = onnx.parser.parse_model(f"""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[4] x) => (float[4] t3000) {{
+    t0 = Relu(x)
+{chain}
+}}""")
+    index = GraphIndex(model)
+    assert index.nonnegative("t10") is True
+    assert index.nonnegative("t3000") is False  # unknown past 64 steps: the safe answer
