@@ -60,8 +60,8 @@ class QuantizeConfig:
         ray_address: calibrate the shards as Ray tasks (``""`` starts a local Ray, else a cluster address);
             needs ``pip install "qdq[ray]"``.
         optimize: how hard to work for accuracy beyond calibrated ranges (``qdq.optimize``): 0 is nearest
-            rounding and nothing else; 1 (default) adds SmoothQuant (pre-norm LayerNorms) and bias correction;
-            2 adds cross-layer equalization, SmoothQuant on post-norm LayerNorms and learned rounding (greedy
+            rounding and nothing else; 1 (default) adds SmoothQuant (every MatMul/Gemm input with outlier
+            channels) and bias correction; 2 adds cross-layer equalization and learned rounding (greedy
             up/down flips per weight), which cost more time (README, "Accuracy techniques").
         techniques: exactly these techniques (names in ``qdq.optimize.TECHNIQUES``), overriding the level's
             set; ``()`` for none.

@@ -137,11 +137,15 @@ def quantize(
         warn_unknown_names(ranges, source)
     # ``working`` is what gets quantized (float-exact rewrites, then re-rounded weights); ``prepared`` stays the
     # float reference the output is compared with.
-    working, technique_notes = before_calibration(prepared, plan, calibration, config, ranges_given=ranges is not None)
+    working, technique_notes, smoothed = before_calibration(prepared, plan, calibration, config,
+                                                            ranges_given=ranges is not None)
     notes.extend(technique_notes)
     plan, technique_notes = refine_plan(working, plan, calibration, config)
     notes.extend(technique_notes)
     used = plan_ranges(working, plan, calibration, config, ranges, notes, progress=progress)
+    if smoothed := {name: amax for name, amax in smoothed.items() if name in used}:
+        used = TensorRanges(smoothed, method=used.method, sources=dict.fromkeys(smoothed, "smoothquant: max")
+                            ).merged(used).shared(plan.shared_scales)
     if config.target_sqnr is not None or config.max_top1_drop is not None:
         plan, used, float_session = meet_target(working, plan, used, evaluation, config, notes, progress=progress)
     else:

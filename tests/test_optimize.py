@@ -219,21 +219,105 @@ def test_smoothquant_leaves_the_float_model_unchanged_and_flattens_the_activatio
             g[[3, 11]] = 30.0
             init.CopyFrom(onnx.numpy_helper.from_array(g, init.name))
     prepared, plan = prepared_plan(model)
-    x = rng.normal(size=(8, 6, 16)).astype(np.float32)
+    x = rng.normal(size=(40, 6, 16)).astype(np.float32)
     from qdq.calibrate.data import input_specs, open_data
 
     data = open_data({"x": x}, input_specs(prepared))
-    smoothed, notes = smooth(prepared, plan, data, QuantizeConfig(), branches=True)
+    smoothed, notes, peaks = smooth(prepared, plan, data, QuantizeConfig(), branches=True)
     for before, after in zip(run_ort(prepared, {"x": x}), run_ort(smoothed, {"x": x}), strict=True):
         np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
     for tensor in ("n", "n2"):  # pre-norm: folded into the LayerNorm; post-norm: a Mul on the layers' branch
         norm_before = run_ort(prepared, {"x": x}, [tensor])[0].reshape(-1, 16)
         norm_after = run_ort(smoothed, {"x": x}, [tensor])[0].reshape(-1, 16)
         assert spread(np.abs(norm_after).max(0)) < 0.5 * spread(np.abs(norm_before).max(0)), tensor
+        np.testing.assert_allclose(peaks[tensor], np.abs(norm_after).max(), rtol=1e-5, err_msg=tensor)
     assert "smoothquant on 2 of 2" in " ".join(notes), notes
     assert len(nodes_by_op(smoothed, "Mul")) == 1, "only the post-norm LayerNorm needs a Mul"
-    _, notes = smooth(prepared, plan, data, QuantizeConfig(), branches=False)
-    assert "post-norm (its output is also read by" in " ".join(notes), "skipped at level 1, with its reason"
+    _, notes, _ = smooth(prepared, plan, data, QuantizeConfig(), branches=False)
+    assert "needs a Mul on the branch to its layers" in " ".join(notes), "skipped without branches, with its reason"
+
+
+# An MLP: the second layer reads a Relu's output (no LayerNorm to fold into: a Mul on the branch), and the first
+# reads the graph input (nothing to divide it in: skipped).
+MLP = HEADER + """
+mlp (float[N, 6, 16] x) => (float[N, 6, 24] y) <float[16, 32] w1 = {0.0}, float[32] b1 = {0.0},
+    float[32, 24] w2 = {0.0}> {
+  h = MatMul (x, w1)
+  hb = Add (h, b1)
+  r = Relu (hb)
+  y = MatMul (r, w2)
+}"""
+
+
+def test_smoothquant_divides_any_layer_input_with_a_mul_and_leaves_the_float_model_unchanged(rng):
+    model = parse(MLP, rng)
+    for init in model.graph.initializer:  # two hidden channels far larger than the rest
+        if init.name == "w1":
+            w1 = onnx.numpy_helper.to_array(init).copy()
+            w1[:, [5, 20]] *= 40.0
+            init.CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
+    prepared, plan = prepared_plan(model)
+    x = rng.normal(size=(40, 6, 16)).astype(np.float32)
+    from qdq.calibrate.data import input_specs, open_data
+
+    data = open_data({"x": x}, input_specs(prepared))
+    smoothed, notes, _ = smooth(prepared, plan, data, QuantizeConfig(), branches=True)
+    np.testing.assert_allclose(run_ort(smoothed, {"x": x})[0], run_ort(prepared, {"x": x})[0], rtol=1e-4, atol=1e-4)
+    text = " ".join(notes)
+    assert "x: a graph input" in text, notes
+    assert "smoothquant on 1 of 1" in text, notes
+    (mul,) = nodes_by_op(smoothed, "Mul")
+    second = next(n for n in smoothed.graph.node if n.op_type == "MatMul" and n.input[1] == "w2")
+    assert mul.output[0] == second.input[0] == "r", "the plan quantizes r for the layer: the Mul must write it"
+    before = np.abs(run_ort(prepared, {"x": x}, ["r"])[0]).reshape(-1, 32).max(0)
+    after = np.abs(run_ort(smoothed, {"x": x}, ["r"])[0]).reshape(-1, 32).max(0)
+    assert spread(after) < 0.5 * spread(before), (spread(before), spread(after))
+    few = open_data({"x": x[:8]}, input_specs(prepared))
+    _, notes, _ = smooth(prepared, plan, few, QuantizeConfig(), branches=True)
+    assert "1 that need a Mul left alone: 8 calibration samples, they need 32" in " ".join(notes), notes
+
+
+def test_quantize_gives_smoothed_activations_their_maximum_as_amax(rng):
+    """Whatever the method, a smoothed activation's amax is its calibration maximum (measured here with ORT)."""
+    model = parse(NORM, rng)
+    g = np.ones(16, np.float32)
+    g[[3, 11]] = 30.0
+    model = with_weight(with_weight(model, "g", g), "g2", g)
+    x = rng.normal(size=(40, 6, 16)).astype(np.float32)
+    result = qdq.quantize(model, {"x": x}, config=QuantizeConfig(method="mse", techniques=("smoothquant",)))
+    assert "smoothquant on 2 of 2" in " ".join(result.report.notes), result.report.notes
+    float_part = qdq.quantize(model, {"x": x}, config=QuantizeConfig(method="mse", optimize=0))
+    assert float_part.ranges.source("n") == "mse"
+    for tensor in ("n", "n2"):
+        assert result.ranges.source(tensor) == "smoothquant: max", result.ranges.sources
+        smoothed_model = onnx.ModelProto()
+        smoothed_model.CopyFrom(result.model)
+        measured = np.abs(run_ort(smoothed_model, {"x": x}, [tensor])[0]).max()
+        np.testing.assert_allclose(result.ranges.amax[tensor], measured, rtol=1e-5, err_msg=tensor)
+
+
+def test_smoothquant_factors_follow_the_published_formula(rng):
+    """s_j = max|X_j|^α / max|W_j|^(1−α), X_j over all calibration rows, W_j over every layer reading X (numpy)."""
+    model = parse(NORM, rng)
+    g = np.ones(16, np.float32)
+    g[[3, 11]] = 30.0
+    model = with_weight(model, "g", g)
+    prepared, plan = prepared_plan(model)
+    x = rng.normal(size=(8, 6, 16)).astype(np.float32)
+    from qdq.calibrate.data import input_specs, open_data
+
+    data = open_data({"x": x}, input_specs(prepared))
+    smoothed, notes, _ = smooth(prepared, plan, data, QuantizeConfig(), branches=False)
+    applied = [n for n in notes if n.startswith("smoothquant on 1 of 1")]
+    assert applied, notes
+    alpha = float(applied[0].split("alpha ")[1].split(",")[0])
+    n = run_ort(prepared, {"x": x}, ["n"])[0].reshape(-1, 16).astype(np.float64)
+    wq, wk = initializer(prepared, "wq").astype(np.float64), initializer(prepared, "wk").astype(np.float64)
+    xmax = np.abs(n).max(0)
+    wmax = np.maximum(np.abs(wq).max(1), np.abs(wk).max(1))
+    want = xmax ** alpha / wmax ** (1 - alpha)
+    got = initializer(smoothed, "wq").astype(np.float64) / wq  # each weight row multiplied by its factor
+    np.testing.assert_allclose(got, np.broadcast_to(want[:, None], wq.shape), rtol=1e-5)
 
 
 def test_config_rejects_unknown_levels_and_techniques():

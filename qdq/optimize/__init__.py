@@ -4,7 +4,7 @@ Level 0 is nearest rounding of the weights and calibrated ranges, nothing more; 
 techniques; 2 adds learned rounding. Each technique is a separate module and can be switched on or off by name
 (``QuantizeConfig.techniques``):
   equalize         cross-layer equalization of Conv -> (ReLU | identity) -> Conv chains (float-exact)
-  smoothquant      SmoothQuant migration for MatMul/Gemm fed by LayerNormalization (float-exact)
+  smoothquant      SmoothQuant migration into MatMul/Gemm weights (float-exact)
   adaround         learned rounding: each weight rounded up or down for its layer's output error
   bias-correction  the mean output shift of weight quantization folded into the biases
   uneven-depthwise depthwise Convs whose input channel ranges are very uneven left float (a placement change)

@@ -22,21 +22,23 @@ log = logging.getLogger(__name__)
 
 
 def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, config: QuantizeConfig, *,
-                       ranges_given: bool) -> tuple[onnx.ModelProto, list[str]]:
+                       ranges_given: bool) -> tuple[onnx.ModelProto, list[str], dict[str, float]]:
     """Equalization and SmoothQuant: they rescale activations, so they come before the ranges are measured.
 
+    Also returns the amax SmoothQuant fixes for the activations it smoothed (their maximum: see ``smooth``).
     Skipped when ranges are given (a range file describes the tensors of the untransformed model).
     """
     chosen = chosen_techniques(config.optimize, config.techniques)
     wanted = [t for t in ("equalize", "smoothquant") if t in chosen]
     if not wanted:
-        return model, []
+        return model, [], {}
     if ranges_given:
         return model, logged([f"{' and '.join(wanted)} skipped: ranges were given, and they describe the "
-                              "untransformed model's tensors"])
+                              "untransformed model's tensors"]), {}
     if too_large := over_budget(model, wanted):
-        return model, logged([too_large])
+        return model, logged([too_large]), {}
     notes: list[str] = []
+    peaks: dict[str, float] = {}
     if "equalize" in wanted:
         model, more = equalize(model, plan)
         notes.extend(more)
@@ -44,9 +46,9 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
         if data is None:
             notes.append("smoothquant skipped: it needs calibration data")
         else:
-            model, more = smooth(model, plan, data, config, branches=config.optimize >= 2)
+            model, more, peaks = smooth(model, plan, data, config)
             notes.extend(more)
-    return model, logged(notes)
+    return model, logged(notes), peaks
 
 
 def refine_plan(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, config: QuantizeConfig
@@ -118,7 +120,8 @@ def describe_techniques(model: onnx.ModelProto, plan: QuantPlan, config: Quantiz
     if "smoothquant" in chosen:
         sites, skipped = smoothing_sites(model, plan)
         lines += [f"  smoothquant candidate: {s.norm} -> {', '.join(layer.node for layer in s.layers)} "
-                  "(alpha chosen on the calibration data, or left alone)" for s in sites]
+                  f"({'a Mul on the branch' if s.needs_mul else 'into the LayerNorm'}; alpha chosen on the "
+                  "calibration data, or left alone)" for s in sites]
         lines += [f"  smoothquant skips {s}" for s in skipped]
     if "uneven-depthwise" in chosen:
         sites = depthwise_sites(model, plan)
