@@ -7,7 +7,7 @@ undiluted. No choice of range helps (clip the large channels or lose the small o
 techniques cannot reach it. Found on PaddleOCR's PP-OCRv4 text detector and recogniser and a PicoDet layout
 detector (learnable affine blocks and HardSwish before the depthwise Convs): leaving only these Convs float took
 the text detector from 12.6 to 15.0 dB, the recogniser from 13.8 to 15.9 dB and the layout model from 0.7 to
-14.8 dB at the defaults (benchmarks/versus.py).
+15.8 dB at the defaults (benchmarks/versus.py).
 The price is speed: TensorRT runs these layers in FP16 or FP32, with reformats around them.
 
 The channel ranges are read on the first ``SAMPLES`` calibration samples (fewer: skipped, said in a note), before
