@@ -117,3 +117,14 @@ def test_iterable_item_with_wrong_dtype_names_the_item(rng):
 def test_missing_path():
     with pytest.raises(DataError, match="no such file or folder"):
         open_data("nowhere.npz", [IMAGE])
+
+
+def test_head_keeps_the_first_batches_that_hold_the_samples(rng):
+    specs = [InputSpec("x", np.dtype("float32"), ("batch", 3))]
+    x = rng.normal(size=(10, 3)).astype(np.float32)
+    head = open_data({"x": x}, specs, 4).head(5)
+    batches = list(head)
+    assert [b.samples for b in batches] == [4, 4], "whole batches, until 5 samples are held"
+    np.testing.assert_array_equal(np.concatenate([b.feeds["x"] for b in batches]), x[:8])
+    assert head.rereadable() and head.runs() == 2 and len(list(head)) == 2
+    assert head.name == "the first 8 samples of the data"

@@ -362,4 +362,4 @@ def test_weight_techniques_stay_off_past_the_large_model_budget(monkeypatch):
                           config=qdq.QuantizeConfig(optimize=1))
     notes = " | ".join(result.report.notes)
     assert "bias-correction skipped: the model holds" in notes, notes
-    assert "calibration-data SQNR" not in notes, notes
+    assert "SQNR on the first" not in notes, notes

@@ -154,7 +154,7 @@ class FeedData:
 class Dataset:
     """All batches of a data source, in a fixed order; iterate as often as needed."""
 
-    def __init__(self, parts: list[ArrayData] | list[FeedData], name: str) -> None:
+    def __init__(self, parts: list[ArrayData] | list[FeedData] | list[KeptBatches], name: str) -> None:
         self.parts, self.name = parts, name
 
     def runs(self) -> int | None:
@@ -168,6 +168,32 @@ class Dataset:
     def __iter__(self) -> Iterator[Batch]:
         for part in self.parts:
             yield from part
+
+    def head(self, samples: int) -> Dataset:
+        """The first batches holding ``samples`` samples (at least one batch), read now and kept."""
+        kept, seen = [], 0
+        for batch in self:
+            if seen >= samples:
+                break
+            kept.append(batch)
+            seen += batch.samples
+        return Dataset([KeptBatches(kept)], f"the first {seen} samples of {self.name}")
+
+
+class KeptBatches:
+    """Batches held in memory: a Dataset part that can be read again."""
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches = batches
+
+    def runs(self) -> int:
+        return len(self.batches)
+
+    def rereadable(self) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
 
 
 def open_data(data: DataLike, specs: list[InputSpec], batch_size: int | None = None) -> Dataset:
