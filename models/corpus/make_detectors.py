@@ -64,24 +64,31 @@ class SPPF(nn.Module):
 
 
 class YOLOv8(nn.Module):
-    REG_MAX, CLASSES, SIZE = 16, 8, 64
+    """The corpus widths by default; ``benchmarks/make_yolov8n.py`` builds ultralytics' YOLOv8n from the same code."""
 
-    def __init__(self) -> None:
+    REG_MAX = 16
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 48, 64, 96), depths: tuple[int, ...] = (1, 1, 1, 1),
+                 head: tuple[int, int] = (32, 32), classes: int = 8, size: int = 64) -> None:
         super().__init__()
-        self.b1 = nn.Sequential(conv(3, 16, 3, 2), conv(16, 32, 3, 2), C2f(32, 32), conv(32, 48, 3, 2), C2f(48, 48))
-        self.b2 = nn.Sequential(conv(48, 64, 3, 2), C2f(64, 64))
-        self.b3 = nn.Sequential(conv(64, 96, 3, 2), C2f(96, 96), SPPF(96, 96))
-        self.n4, self.n3 = C2f(160, 64, shortcut=False), C2f(112, 48, shortcut=False)
-        self.d3, self.o4 = conv(48, 48, 3, 2), C2f(112, 64, shortcut=False)
-        self.d4, self.o5 = conv(64, 64, 3, 2), C2f(160, 96, shortcut=False)
-        self.box = nn.ModuleList(nn.Sequential(conv(c, 32, 3), conv(32, 32, 3), nn.Conv2d(32, 4 * self.REG_MAX, 1))
-                                 for c in (48, 64, 96))
-        self.cls = nn.ModuleList(nn.Sequential(conv(c, 32, 3), conv(32, 32, 3), nn.Conv2d(32, self.CLASSES, 1))
-                                 for c in (48, 64, 96))
+        w0, w1, w2, w3, w4 = widths
+        self.CLASSES = classes  # noqa: N815 (read as a constant, like REG_MAX)
+        self.b1 = nn.Sequential(conv(3, w0, 3, 2), conv(w0, w1, 3, 2), C2f(w1, w1, depths[0]), conv(w1, w2, 3, 2),
+                                C2f(w2, w2, depths[1]))
+        self.b2 = nn.Sequential(conv(w2, w3, 3, 2), C2f(w3, w3, depths[2]))
+        self.b3 = nn.Sequential(conv(w3, w4, 3, 2), C2f(w4, w4, depths[3]), SPPF(w4, w4))
+        self.n4, self.n3 = C2f(w4 + w3, w3, shortcut=False), C2f(w3 + w2, w2, shortcut=False)
+        self.d3, self.o4 = conv(w2, w2, 3, 2), C2f(w2 + w3, w3, shortcut=False)
+        self.d4, self.o5 = conv(w3, w3, 3, 2), C2f(w3 + w4, w4, shortcut=False)
+        box, cls = head
+        self.box = nn.ModuleList(nn.Sequential(conv(c, box, 3), conv(box, box, 3), nn.Conv2d(box, 4 * self.REG_MAX, 1))
+                                 for c in (w2, w3, w4))
+        self.cls = nn.ModuleList(nn.Sequential(conv(c, cls, 3), conv(cls, cls, 3), nn.Conv2d(cls, classes, 1))
+                                 for c in (w2, w3, w4))
         self.dfl = nn.Conv2d(self.REG_MAX, 1, 1, bias=False).requires_grad_(False)
         anchors, strides = [], []
         for stride in (8, 16, 32):
-            cells = self.SIZE // stride
+            cells = size // stride
             ys, xs = torch.meshgrid(torch.arange(cells) + 0.5, torch.arange(cells) + 0.5, indexing="ij")
             anchors.append(torch.stack((xs, ys), -1).view(-1, 2))
             strides.append(torch.full((cells * cells, 1), float(stride)))

@@ -98,13 +98,7 @@ class Recording:
 
 def first_samples(data: Dataset, limit: int) -> list[Batch]:
     """The first batches of ``data`` holding ``limit`` samples (at least one batch); reads the data again."""
-    kept, samples = [], 0
-    for batch in data:
-        if samples >= limit:
-            break
-        kept.append(batch)
-        samples += batch.samples
-    return kept
+    return list(data.head(limit))
 
 
 class LayerProbe:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from qdq.calibrate.auto import first_samples
 from qdq.calibrate.data import Dataset
 from qdq.graph import GraphIndex
 from qdq.placement.plan import QuantPlan
@@ -63,7 +62,7 @@ def depthwise_sites(model: onnx.ModelProto, plan: QuantPlan) -> list[Site]:
 
 def channel_maxima(model: onnx.ModelProto, tensors: list[str], data: Dataset) -> tuple[dict[str, np.ndarray], int]:
     """Each tensor's max |x| per channel (axis 1) over the first ``SAMPLES`` samples, and the samples read."""
-    batches = first_samples(data, SAMPLES)
+    batches = list(data.head(SAMPLES))
     session = session_exposing(model, tensors, what="the model (reading depthwise input channels)")
     maxima: dict[str, np.ndarray] = {}
     for batch in batches:
