@@ -90,3 +90,12 @@ def test_fewer_than_32_samples_are_not_enough_to_judge(rng):
     result = qdq.quantize(model_with_gain(UNEVEN, rng), few)
     assert all(d.rule != RULE for d in result.plan.decisions)
     assert any("uneven-depthwise skipped: 16 calibration samples" in note for note in result.report.notes)
+
+
+def test_a_one_shot_iterator_is_left_whole_to_calibration(rng, data):
+    batches = ({"x": data["x"][i:i + 8]} for i in range(0, 64, 8))  # read once
+    result = qdq.quantize(model_with_gain(UNEVEN, rng), batches)
+    assert result.ranges.samples == 64, "no technique took samples from calibration"
+    notes = " | ".join(result.report.notes)
+    assert "uneven-depthwise skipped: it reads the calibration data besides calibration" in notes, notes
+    assert "adaround and bias-correction skipped" in notes and "one-shot iterator" in notes, notes

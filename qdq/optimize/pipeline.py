@@ -43,8 +43,8 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
         model, more = equalize(model, plan)
         notes.extend(more)
     if "smoothquant" in wanted:
-        if data is None:
-            notes.append("smoothquant skipped: it needs calibration data")
+        if missing := unusable("smoothquant", data):
+            notes.append(missing)
         else:
             model, more, peaks = smooth(model, plan, data, config)
             notes.extend(more)
@@ -59,8 +59,8 @@ def refine_plan(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, c
     """
     if "uneven-depthwise" not in chosen_techniques(config.optimize, config.techniques) or not plan:
         return plan, []
-    if data is None:
-        return plan, logged(["uneven-depthwise skipped: it needs calibration data"])
+    if missing := unusable("uneven-depthwise", data):
+        return plan, logged([missing])
     plan, notes = leave_uneven_depthwise(model, plan, data)
     return plan, logged(notes)
 
@@ -75,14 +75,25 @@ def after_calibration(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRan
         return model, []
     if config.scheme != "int8":
         return model, logged([f"adaround and bias-correction skipped: they model the int8 grid, not {config.scheme}"])
-    if data is None:
-        return model, logged(["adaround and bias-correction skipped: they need calibration data"])
+    if missing := unusable("adaround and bias-correction", data):
+        return model, logged([missing])
     if too_large := over_budget(model, [t for t, on in (("adaround", rounding), ("bias-correction", bias)) if on]):
         return model, logged([too_large])
     model, notes = optimize_weights(model, plan, ranges, data,
                                     rounding_iterations=RELAXATION_ITERATIONS if rounding else None,
                                     bias_correction=bias)
     return model, logged(notes)
+
+
+def unusable(technique: str, data: Dataset | None) -> str | None:
+    """Why ``technique`` cannot read ``data`` besides calibration, or None. A one-shot iterator is read once, by
+    calibration: a technique reading it too would take samples from calibration."""
+    if data is None:
+        return f"{technique} skipped: it needs calibration data"
+    if not data.rereadable():
+        return (f"{technique} skipped: it reads the calibration data besides calibration, and {data.name} is a "
+                "one-shot iterator; give a file, a folder, a dict of arrays or a list to use it")
+    return None
 
 
 def over_budget(model: onnx.ModelProto, techniques: list[str]) -> str | None:
