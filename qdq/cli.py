@@ -227,8 +227,9 @@ def add_placement_args(parser: argparse.ArgumentParser) -> None:
 def add_optimize_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("accuracy techniques")
     group.add_argument("--optimize", type=int, choices=(0, 1, 2), default=1,
-                       help="0: nearest rounding only (fastest); 1 (default): SmoothQuant and bias correction; "
-                            "2: also cross-layer equalization and learned rounding (slower)")
+                       help="0: nearest rounding only (fastest); 1 (default): SmoothQuant, bias correction, and "
+                            "depthwise Convs with very uneven input channels left float; 2: also cross-layer "
+                            "equalization and learned rounding (slower)")
     group.add_argument("--techniques", type=technique_list, metavar="LIST",
                        help=f"exactly these techniques, comma-separated, instead of the level's "
                             f"({', '.join(TECHNIQUES)}; 'none' for none)")

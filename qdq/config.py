@@ -61,7 +61,8 @@ class QuantizeConfig:
             needs ``pip install "qdq[ray]"``.
         optimize: how hard to work for accuracy beyond calibrated ranges (``qdq.optimize``): 0 is nearest
             rounding and nothing else; 1 (default) adds SmoothQuant (every MatMul/Gemm input with outlier
-            channels) and bias correction; 2 adds cross-layer equalization and learned rounding (greedy
+            channels), bias correction, and leaves float the depthwise Convs whose input channels are very
+            uneven (uneven-depthwise); 2 adds cross-layer equalization and learned rounding (greedy
             up/down flips per weight), which cost more time (README, "Accuracy techniques").
         techniques: exactly these techniques (names in ``qdq.optimize.TECHNIQUES``), overriding the level's
             set; ``()`` for none.
