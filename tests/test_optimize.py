@@ -363,3 +363,24 @@ def test_weight_techniques_stay_off_past_the_large_model_budget(monkeypatch):
     notes = " | ".join(result.report.notes)
     assert "bias-correction skipped: the model holds" in notes, notes
     assert "SQNR on the first" not in notes, notes
+
+
+def test_bias_correction_check_scores_each_candidate_as_compare_does():
+    from qdq.calibrate.data import input_specs, open_data
+    from qdq.compare import compare_models
+    from qdq.model_io import load_model
+    from qdq.optimize.weights import calibration_sqnrs, quantized_model
+
+    prepared, _ = prepare(load_model(DIGITS / "digits.onnx"))
+    plan = plan_quantization(prepared)
+    ranges = qdq.quantize(prepared, DIGITS / "calib.npz", config=QuantizeConfig(optimize=0)).ranges
+    shifted = onnx.ModelProto()
+    shifted.CopyFrom(prepared)
+    bias = next(i for i in shifted.graph.initializer if i.name == "stage2.b.0.weight_bias")
+    bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + np.float32(0.05), bias.name))
+    data = open_data(DIGITS / "calib.npz", input_specs(prepared)).head(40)
+    got = calibration_sqnrs(prepared, [prepared, shifted], plan, ranges, data)
+    expected = [min(o.sqnr_db for o in compare_models(prepared, quantized_model(m, plan, ranges), data).outputs)
+                for m in (prepared, shifted)]
+    assert got == pytest.approx(expected, abs=1e-9)  # the same runs, summed the same way
+    assert got[1] < got[0] - 1, "a shifted bias must score lower: the check can tell candidates apart"
