@@ -384,3 +384,21 @@ def test_bias_correction_check_scores_each_candidate_as_compare_does():
                 for m in (prepared, shifted)]
     assert got == pytest.approx(expected, abs=1e-9)  # the same runs, summed the same way
     assert got[1] < got[0] - 1, "a shifted bias must score lower: the check can tell candidates apart"
+
+
+def test_the_uncorrected_score_riding_on_the_moments_pass_equals_a_pass_of_its_own():
+    from qdq.calibrate.data import input_specs, open_data
+    from qdq.model_io import load_model
+    from qdq.optimize.moments import collect_moments
+    from qdq.optimize.weights import OutputCheck, calibration_sqnrs, quantized_model
+
+    prepared, _ = prepare(load_model(DIGITS / "digits.onnx"))
+    plan = plan_quantization(prepared)
+    ranges = qdq.quantize(prepared, DIGITS / "calib.npz", config=QuantizeConfig(optimize=0)).ranges
+    data = open_data(DIGITS / "calib.npz", input_specs(prepared), 16)  # 128 samples; the check reads the first 40
+    check = OutputCheck(prepared, 40)
+    collect_moments(quantized_model(prepared, plan, ranges), find_layers(prepared, plan)[0], data, with_gram=False,
+                    on_outputs=check)
+    (alone,) = calibration_sqnrs(prepared, [prepared], plan, ranges, data.head(40))
+    assert check.seen == 48, "whole batches, as Dataset.head takes them"
+    assert check.sqnr() == pytest.approx(alone, abs=1e-9)

@@ -9,12 +9,13 @@ activations and the Gram matrices stay within a fixed budget.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from qdq.calibrate.data import Dataset
+from qdq.calibrate.data import Batch, Dataset
 from qdq.errors import DataError
 from qdq.model_io import first_line
 from qdq.optimize.layers import Layer
@@ -80,8 +81,13 @@ class Moments:
 
 
 def collect_moments(quantized: onnx.ModelProto, layers: list[Layer], data: Dataset, *,
-                    with_gram: bool, deltas: dict[str, np.ndarray] | None = None) -> dict[str, Moments]:
-    """Moments of each layer's input in ``quantized`` (a Q/DQ model whose node names are the layers')."""
+                    with_gram: bool, deltas: dict[str, np.ndarray] | None = None,
+                    on_outputs: Callable[[Batch, dict[str, np.ndarray]], None] | None = None) -> dict[str, Moments]:
+    """Moments of each layer's input in ``quantized`` (a Q/DQ model whose node names are the layers').
+
+    ``on_outputs`` receives each batch of the first pass with ``quantized``'s graph outputs on it: a check of the
+    model's outputs rides along instead of running the (unoptimised, slow) model again.
+    """
     inputs = {n.name: n.input[0] for n in quantized.graph.node}
     moments = {layer.node: Moments() for layer in layers}
     groups = list(budgeted(layers, with_gram))
@@ -89,14 +95,18 @@ def collect_moments(quantized: onnx.ModelProto, layers: list[Layer], data: Datas
         raise DataError("the weight techniques need data that can be read more than once for this model "
                         "(a file, a folder, a list); a one-shot iterator was given")
     graph_inputs = {i.name for i in quantized.graph.input}
-    for group in groups:
+    for index, group in enumerate(groups):
         names = sorted({inputs[layer.node] for layer in group} - graph_inputs)
-        session = session_exposing(quantized, names, optimize=False, what="the quantized model") if names else None
+        outputs = [o.name for o in quantized.graph.output] if on_outputs is not None and index == 0 else []
+        wanted = list(dict.fromkeys(names + outputs))
+        session = session_exposing(quantized, wanted, optimize=False, what="the quantized model") if wanted else None
         for number, batch in enumerate(data, start=1):
             try:
-                values = dict(zip(names, session.run(names, batch.feeds), strict=True)) if session else {}
+                values = dict(zip(wanted, session.run(wanted, batch.feeds), strict=True)) if session else {}
             except Exception as exc:  # ORT's InvalidArgument / Fail
                 raise DataError(f"ONNX Runtime failed on batch {number} of {data.name}: {first_line(exc)}") from exc
+            if outputs:
+                on_outputs(batch, {name: values[name] for name in outputs})
             for layer in group:
                 name = inputs[layer.node]
                 x = values[name] if name in values else batch.feeds[name]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 
-from qdq.calibrate.data import Dataset
+from qdq.calibrate.data import Batch, Dataset
 from qdq.compare import OutputAccumulator, run
 from qdq.optimize.adaround import learned_rounding, nearest
 from qdq.optimize.bias_correction import apply_correction
@@ -50,17 +51,19 @@ def optimize_weights(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRang
     if bias_correction:
         corrected = onnx.ModelProto()
         corrected.CopyFrom(out)
-        note = correct_biases(corrected, layers, plan, ranges, data, original, rounded=rounding_iterations is not None)
-        if note.startswith("bias correction skipped"):
-            return out, [*notes, note]
         # Kept only if the quantized model's outputs on the calibration data get closer to the float model's:
         # correcting the weights' mean shift alone can undo a lucky cancellation with the activations' (a ViT
-        # lost 2 dB, on the calibration data too).
-        # The quantized model runs without ORT's optimisations, so each sample costs (MiniLM: 4.5 s a pass over 64
-        # samples): the check stops at CHECK_SAMPLES. Fewer would be noisy: on 32 of the row transformer's 128
-        # samples the check dropped a correction that gains 0.26 dB on held-out data.
+        # lost 2 dB, on the calibration data too). The quantized model runs without ORT's optimisations, so each
+        # sample costs (MiniLM: 4.5 s a pass over 64 samples): the uncorrected version is scored during the
+        # moments pass, which runs it anyway, and the check stops at CHECK_SAMPLES. Fewer would be noisy: on 32
+        # of the row transformer's 128 samples the check dropped a correction that gains 0.26 dB on held-out data.
+        uncorrected = OutputCheck(model, CHECK_SAMPLES)
+        note = correct_biases(corrected, layers, plan, ranges, data, original, rounded=rounding_iterations is not None,
+                              on_outputs=uncorrected)
+        if note.startswith("bias correction skipped"):
+            return out, [*notes, note]
         check = data.head(CHECK_SAMPLES)
-        without, with_ = calibration_sqnrs(model, [out, corrected], plan, ranges, check)
+        without, (with_,) = uncorrected.sqnr(), calibration_sqnrs(model, [corrected], plan, ranges, check)
         if with_ >= without:
             out = corrected
             notes.append(f"{note}; SQNR on {check.name} {without:.2f} -> {with_:.2f} dB")
@@ -68,6 +71,27 @@ def optimize_weights(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRang
             notes.append(f"bias correction measured and left out: the output SQNR on {check.name} would drop "
                          f"from {without:.2f} to {with_:.2f} dB")
     return out, notes
+
+
+class OutputCheck:
+    """Scores quantized outputs against the float model's on the first ``limit`` samples of the batches it is
+    given (the batches of ``Dataset.head(limit)``): the worst output's SQNR."""
+
+    def __init__(self, reference: onnx.ModelProto, limit: int) -> None:
+        self.session = make_session(reference, what="the float model")
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.sums = {name: OutputAccumulator() for name in self.names}
+        self.limit, self.seen = limit, 0
+
+    def __call__(self, batch: Batch, outputs: dict[str, np.ndarray]) -> None:
+        if self.seen >= self.limit:
+            return
+        self.seen += batch.samples
+        for name, expected in zip(self.names, self.session.run(self.names, batch.feeds), strict=True):
+            self.sums[name].update(expected, outputs[name])
+
+    def sqnr(self) -> float:
+        return min(self.sums[name].metrics(name).sqnr_db for name in self.names)
 
 
 def calibration_sqnrs(reference: onnx.ModelProto, candidates: list[onnx.ModelProto], plan: QuantPlan,
@@ -128,7 +152,8 @@ def combined_second(group: list[Layer], moments: dict[str, Moments]) -> np.ndarr
 
 
 def correct_biases(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, ranges: TensorRanges,
-                   data: Dataset, original: dict[str, np.ndarray], *, rounded: bool) -> str:
+                   data: Dataset, original: dict[str, np.ndarray], *, rounded: bool,
+                   on_outputs: Callable[[Batch, dict[str, np.ndarray]], None] | None = None) -> str:
     started = time.perf_counter()
     current = initializer_values(model, {layer.weight for layer in layers}) if rounded else original
     deltas = {}
@@ -136,7 +161,8 @@ def correct_biases(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan,
         scale = layer.channel_scales(current[layer.weight])
         weight = layer.matrix(original[layer.weight]).astype(np.float64)
         deltas[layer.node] = scale[..., None] * nearest(layer.matrix(current[layer.weight]), scale) - weight
-    moments = collect_moments(quantized_model(model, plan, ranges), layers, data, with_gram=False, deltas=deltas)
+    moments = collect_moments(quantized_model(model, plan, ranges), layers, data, with_gram=False, deltas=deltas,
+                              on_outputs=on_outputs)
     if (samples := moments[layers[0].node].samples) < MIN_SAMPLES:
         return (f"bias correction skipped: {samples} calibration samples, it needs {MIN_SAMPLES} to estimate mean "
                 "shifts that hold on new data")
