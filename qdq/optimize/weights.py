@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from qdq.calibrate.data import Batch, Dataset
-from qdq.compare import OutputAccumulator, run
+from qdq.compare import OutputAccumulator, compare_models
 from qdq.optimize.adaround import learned_rounding, nearest
 from qdq.optimize.bias_correction import apply_correction
 from qdq.optimize.layers import Layer, find_layers, initializer_values, replace_initializer
@@ -25,7 +25,7 @@ from qdq.optimize.moments import Moments, collect_moments
 from qdq.passes.materialize import MaterializeQDQ
 from qdq.placement.plan import QuantPlan
 from qdq.ranges import TensorRanges
-from qdq.runtime import make_session, quantized_session
+from qdq.runtime import make_session
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def optimize_weights(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRang
         if note.startswith("bias correction skipped"):
             return out, [*notes, note]
         check = data.head(CHECK_SAMPLES)
-        without, (with_,) = uncorrected.sqnr(), calibration_sqnrs(model, [corrected], plan, ranges, check)
+        comparison = compare_models(uncorrected.session, quantized_model(corrected, plan, ranges), check)
+        without, with_ = uncorrected.sqnr(), min(o.sqnr_db for o in comparison.outputs)
         if with_ >= without:
             out = corrected
             notes.append(f"{note}; SQNR on {check.name} {without:.2f} -> {with_:.2f} dB")
@@ -92,23 +93,6 @@ class OutputCheck:
 
     def sqnr(self) -> float:
         return min(self.sums[name].metrics(name).sqnr_db for name in self.names)
-
-
-def calibration_sqnrs(reference: onnx.ModelProto, candidates: list[onnx.ModelProto], plan: QuantPlan,
-                      ranges: TensorRanges, data: Dataset) -> list[float]:
-    """The worst output SQNR of each candidate, quantized with ``ranges``, against ``reference`` on ``data``: one
-    pass, the float outputs computed once for all candidates."""
-    float_session = make_session(reference, what="the float model")
-    sessions = [quantized_session(quantized_model(candidate, plan, ranges)) for candidate in candidates]
-    names = [o.name for o in float_session.get_outputs()]
-    sums = [{name: OutputAccumulator() for name in names} for _ in candidates]
-    for number, batch in enumerate(data, start=1):
-        expected = run(float_session, names, batch, data, number, "the float model")
-        for session, accumulators in zip(sessions, sums, strict=True):
-            got = run(session, names, batch, data, number, "the quantized model")
-            for name, r, t in zip(names, expected, got, strict=True):
-                accumulators[name].update(r, t)
-    return [min(a[name].metrics(name).sqnr_db for name in names) for a in sums]
 
 
 def round_weights(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, ranges: TensorRanges,
