@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -187,6 +189,32 @@ def test_adaround_end_to_end_keeps_scales_and_moves_weights_one_step_at_most(rng
     assert any("learned rounding" in n for n in learned.report.notes)
 
 
+def test_learned_rounding_that_worsens_the_outputs_is_left_out(rng, monkeypatch):
+    """Each layer's rounding is judged by its own output error; the model's outputs decide whether it is kept."""
+    import qdq.optimize.weights as weights
+    from qdq.optimize.adaround import Rounding
+
+    model = parse(MATMUL, rng)
+    x = (rng.normal(size=(64, 5, 24)) @ rng.normal(size=(24, 24)) * 0.3).astype(np.float32)
+    config = QuantizeConfig(method="max", techniques=("adaround",))
+    plain = qdq.quantize(model, {"x": x}, config=QuantizeConfig(method="max", techniques=()))
+    kept = qdq.quantize(model, {"x": x}, config=config)
+    note = next(n for n in kept.report.notes if n.startswith("learned rounding"))
+    before, after = (float(v) for v in re.search(r"([-\d.]+) -> ([-\d.]+) dB$", note).groups())
+    assert after >= before, note
+
+    def away_from_nearest(w, scale, second, **_):  # every weight one step the wrong way: a worse model
+        near = nearest(w, scale)
+        q = np.clip(near + np.where(w / scale[..., None] >= near, -1, 1), -127, 127)
+        return Rounding(q, 1.0, 0.5)
+
+    monkeypatch.setattr(weights, "learned_rounding", away_from_nearest)
+    left_out = qdq.quantize(model, {"x": x}, config=config)
+    assert any(n.startswith("learned rounding measured and left out") for n in left_out.report.notes)
+    for a, b in zip(plain.model.graph.initializer, left_out.model.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), err_msg=a.name)
+
+
 def test_equalization_leaves_the_float_model_unchanged_and_balances_ranges(rng):
     model = parse(CHAIN, rng)
     for init in model.graph.initializer:  # channels of very different ranges, as BatchNorm folding leaves them
@@ -342,6 +370,9 @@ def test_explain_lists_each_technique_and_what_it_skips(rng, tmp_path, capsys):
     path = tmp_path / "chain.onnx"
     onnx.save(parse(CHAIN, rng), str(path))
     assert main(["explain", str(path), "--optimize", "2"]) == 0
+    assert "techniques at --optimize 2: smoothquant, adaround, bias-correction" in capsys.readouterr().out
+    # Equalization evens weight ranges, which per-channel scales already do: level 2 runs it for per-tensor weights.
+    assert main(["explain", str(path), "--optimize", "2", "--per-tensor-weights"]) == 0
     out = capsys.readouterr().out
     assert "techniques at --optimize 2: equalize, smoothquant, adaround, bias-correction" in out
     assert "equalize: Conv_a -> Conv_d (Relu)" in out and "equalize skips" in out and "ReLU6" in out

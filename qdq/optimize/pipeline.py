@@ -28,7 +28,7 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
     Also returns the amax SmoothQuant fixes for the activations it smoothed (their maximum: see ``smooth``).
     Skipped when ranges are given (a range file describes the tensors of the untransformed model).
     """
-    chosen = chosen_techniques(config.optimize, config.techniques)
+    chosen = techniques_of(config)
     wanted = [t for t in ("equalize", "smoothquant") if t in chosen]
     if not wanted:
         return model, [], {}
@@ -57,7 +57,7 @@ def refine_plan(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, c
 
     Runs on the model calibration will see (after equalization, which can even the channels out).
     """
-    if "uneven-depthwise" not in chosen_techniques(config.optimize, config.techniques) or not plan:
+    if "uneven-depthwise" not in techniques_of(config) or not plan:
         return plan, []
     if missing := unusable("uneven-depthwise", data):
         return plan, logged([missing])
@@ -68,7 +68,7 @@ def refine_plan(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, c
 def after_calibration(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, data: Dataset | None,
                       config: QuantizeConfig) -> tuple[onnx.ModelProto, list[str]]:
     """Learned rounding and bias correction, measured through the model quantized with ``ranges``."""
-    chosen = chosen_techniques(config.optimize, config.techniques)
+    chosen = techniques_of(config)
     rounding = "adaround" in chosen and config.weights in ("int8", "float")
     bias = "bias-correction" in chosen
     if not (rounding or bias) or not plan:
@@ -83,6 +83,10 @@ def after_calibration(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRan
                                     rounding_iterations=RELAXATION_ITERATIONS if rounding else None,
                                     bias_correction=bias)
     return model, logged(notes)
+
+
+def techniques_of(config: QuantizeConfig) -> tuple[str, ...]:
+    return chosen_techniques(config.optimize, config.techniques, per_channel=config.per_channel)
 
 
 def unusable(technique: str, data: Dataset | None) -> str | None:
@@ -122,7 +126,7 @@ def describe_techniques(model: onnx.ModelProto, plan: QuantPlan, config: Quantiz
     from qdq.optimize.layers import find_layers
     from qdq.optimize.smoothquant import smoothing_sites
 
-    chosen = chosen_techniques(config.optimize, config.techniques)
+    chosen = techniques_of(config)
     lines = [f"techniques at --optimize {config.optimize}: {', '.join(chosen) or 'none'}"]
     if "equalize" in chosen:
         pairs, skipped = equalization_pairs(model, plan)

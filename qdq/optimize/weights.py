@@ -47,7 +47,9 @@ def optimize_weights(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRang
     out.CopyFrom(model)
     original = initializer_values(model, {layer.weight for layer in layers})
     if rounding_iterations is not None:
-        notes.append(round_weights(out, layers, plan, ranges, data, original, rounding_iterations))
+        kept, note = rounded_if_better(out, model, layers, plan, ranges, data, original, rounding_iterations)
+        notes.append(note)
+        rounding_iterations = rounding_iterations if kept else None
     if bias_correction:
         corrected = onnx.ModelProto()
         corrected.CopyFrom(out)
@@ -95,8 +97,34 @@ class OutputCheck:
         return min(self.sums[name].metrics(name).sqnr_db for name in self.names)
 
 
+def rounded_if_better(out: onnx.ModelProto, model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan,
+                      ranges: TensorRanges, data: Dataset, original: dict[str, np.ndarray], iterations: int
+                      ) -> tuple[bool, str]:
+    """Whether learned rounding was kept, and its note. The rounding is written into ``out`` (a copy of
+    ``model``) if it brings the quantized model's outputs on the calibration data (the first CHECK_SAMPLES
+    samples) closer to the float model's; else ``out`` is left as it is.
+
+    Each layer's rounding lowers that layer's output error, which need not lower the model's: on the PP-OCRv4
+    detector it cost 0.7 dB on the calibration data and 1.0 dB on held-out images. Nearest rounding is scored
+    during the pass that measures the layers' inputs, which runs that model anyway; the rounded one in one more.
+    """
+    nearest_check = OutputCheck(model, CHECK_SAMPLES)
+    rounded = onnx.ModelProto()
+    rounded.CopyFrom(out)
+    note = round_weights(rounded, layers, plan, ranges, data, original, iterations, on_outputs=nearest_check)
+    check = data.head(CHECK_SAMPLES)
+    comparison = compare_models(nearest_check.session, quantized_model(rounded, plan, ranges), check)
+    without, with_ = nearest_check.sqnr(), min(o.sqnr_db for o in comparison.outputs)
+    if with_ < without:
+        return False, (f"learned rounding measured and left out: the output SQNR on {check.name} would drop from "
+                       f"{without:.2f} to {with_:.2f} dB")
+    out.CopyFrom(rounded)
+    return True, f"{note}; SQNR on {check.name} {without:.2f} -> {with_:.2f} dB"
+
+
 def round_weights(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, ranges: TensorRanges,
-                  data: Dataset, original: dict[str, np.ndarray], iterations: int) -> str:
+                  data: Dataset, original: dict[str, np.ndarray], iterations: int, *,
+                  on_outputs: Callable[[Batch, dict[str, np.ndarray]], None] | None = None) -> str:
     started = time.perf_counter()
     users = defaultdict(list)
     for layer in layers:
@@ -106,7 +134,8 @@ def round_weights(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, 
         for name in node.input:
             readers[name].add(node.name)
     shared = [w for w, group in users.items() if readers[w] - {layer.node for layer in group}]
-    moments = collect_moments(quantized_model(model, plan, ranges), layers, data, with_gram=True)
+    moments = collect_moments(quantized_model(model, plan, ranges), layers, data, with_gram=True,
+                              on_outputs=on_outputs)
     before = after = 0.0
     for weight, group in users.items():
         if weight in shared:
