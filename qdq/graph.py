@@ -167,10 +167,11 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
     """Order ``graph``'s nodes topologically, in place (Kahn's algorithm: linear, stable for ready nodes)."""
     nodes = list(graph.node)
     made_by = {o: i for i, n in enumerate(nodes) for o in n.output}
-    waiting = [sum(1 for t in set(n.input) if t in made_by) for n in nodes]
+    reads = [set(n.input) | subgraph_reads(n) for n in nodes]  # a subgraph may read this graph's tensors
+    waiting = [sum(1 for t in r if t in made_by) for r in reads]
     readers: dict[int, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for t in set(node.input):
+    for i, names in enumerate(reads):
+        for t in names:
             if t in made_by:
                 readers.setdefault(made_by[t], []).append(i)
     ready = [i for i, count in enumerate(waiting) if count == 0]
@@ -185,6 +186,31 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
         raise ValueError("the graph has a cycle")
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every name the node's subgraphs (If branches, Loop/Scan bodies) read, at any depth."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+            for inner in subgraph.node:
+                names.update(inner.input)
+                names |= subgraph_reads(inner)
+    return names
+
+
+def undefined_inputs(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> list[str]:
+    """Node inputs, in this graph and its subgraphs, that nothing defines before they are read: neither a graph
+    input, an initializer, an earlier node's output, nor (in a subgraph) a name of the scopes around it."""
+    defined = set(outer) | {""} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    missing = []
+    for node in graph.node:
+        missing += [name for name in node.input if name not in defined]
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                missing += undefined_inputs(subgraph, frozenset(defined))
+        defined.update(node.output)
+    return missing
 
 
 def fresh_name(base: str, taken: set[str]) -> str:

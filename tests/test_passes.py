@@ -95,6 +95,73 @@ def test_fold_constants_makes_computed_weights_initializers(rng):
     outputs_close(model, result.model, {"x": rng.standard_normal((3, 4)).astype(np.float32)}, atol=1e-5)
 
 
+def nested_if_model() -> onnx.ModelProto:
+    """An If whose condition folds to a constant (x's rank), each branch returning a nested If's two outputs: the
+    shape of Silero VAD's decoder, whose second output graphsurgeon's branch inlining loses."""
+    from onnx import TensorProto, helper
+
+    def two_outputs(name: str, ops: tuple[str, str, str, str]) -> onnx.GraphProto:
+        def branch(suffix: str, pair: tuple[str, str]) -> onnx.GraphProto:
+            outs = [f"{name}{suffix}{i}" for i in range(2)]
+            return helper.make_graph([helper.make_node(op, ["x"], [o]) for op, o in zip(pair, outs, strict=True)],
+                                     f"{name}{suffix}", [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                              for o in outs])
+        nested = helper.make_node("If", ["c"], [f"{name}0", f"{name}1"], then_branch=branch("t", ops[:2]),
+                                  else_branch=branch("e", ops[2:]))
+        return helper.make_graph([nested], name, [], [helper.make_tensor_value_info(f"{name}{i}", TensorProto.FLOAT,
+                                                                                    None) for i in range(2)])
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Size", ["s"], ["n"]),
+             helper.make_node("Constant", [], ["two"], value=helper.make_tensor("two", TensorProto.INT64, [], [2])),
+             helper.make_node("Equal", ["n", "two"], ["k"]),
+             helper.make_node("If", ["k"], ["y1", "y2"],
+                              then_branch=two_outputs("T", ("Relu", "Neg", "Abs", "Sigmoid")),
+                              else_branch=two_outputs("E", ("Abs", "Tanh", "Neg", "Relu"))),
+             helper.make_node("Add", ["y1", "y2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_fold_constants_keeps_if_branches_whose_inlining_breaks_the_graph(rng):
+    from qdq.graph import undefined_inputs
+
+    model = nested_if_model()
+    result = FoldConstants()(model)
+    assert undefined_inputs(result.model.graph) == []
+    assert "constant folding left If branches in place: inlining them broke the graph" in result.notes
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    for c in (True, False):
+        outputs_close(model, result.model, {"x": x, "c": np.array(c)}, atol=0)
+
+
+def test_undefined_inputs_sees_outer_scopes_and_order():
+    from qdq.graph import undefined_inputs
+
+    model = nested_if_model()
+    assert undefined_inputs(model.graph) == [], "subgraphs read x and c from the scope around them"
+    del model.graph.node[3]  # the Equal that makes the condition
+    assert undefined_inputs(model.graph) == ["k"]
+    model = nested_if_model()
+    model.graph.node.insert(0, model.graph.node.pop())  # the Add before the If that makes its inputs
+    assert undefined_inputs(model.graph) == ["y1", "y2"]
+
+
+def test_sort_nodes_puts_what_a_subgraph_reads_before_its_node():
+    from qdq.graph import sort_nodes, undefined_inputs
+
+    model = nested_if_model()
+    inner = model.graph.node[4].attribute[0].g.node[0].attribute[0].g  # the nested If's then-branch
+    inner.node[0].input[0] = "x2"
+    model.graph.node.append(onnx.helper.make_node("Relu", ["x"], ["x2"]))  # made after the If that reads it
+    assert undefined_inputs(model.graph) == ["x2"]
+    sort_nodes(model.graph)
+    assert undefined_inputs(model.graph) == []
+
+
 def test_remove_identities_keeps_graph_outputs(rng):
     model = parse(IDENTITIES)
     result = RemoveIdentities()(model)

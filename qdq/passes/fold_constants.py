@@ -5,7 +5,8 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
-from qdq.graph import export_model, import_graph, tensor_bytes
+from qdq.errors import shown
+from qdq.graph import export_model, import_graph, tensor_bytes, undefined_inputs
 from qdq.model_io import EXTERNAL_DATA_THRESHOLD
 from qdq.passes.base import Pass, PassResult
 
@@ -26,11 +27,26 @@ class FoldConstants(Pass):
             return PassResult(model, modified=False, notes=("constant folding skipped: the model is over 1.8 GB",))
         # graphsurgeon folds through ORT sessions of its own; keep ORT's optimiser chatter off the terminal.
         ort.set_default_logger_severity(3)
-        graph = import_graph(model)
-        before = len(graph.nodes)
-        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
-        after = len(graph.nodes)
+        notes = []
+        before, after, folded = fold(model, inline_branches=True)
+        if undefined_inputs(folded.graph):
+            # graphsurgeon inlines the branch of an If whose condition folds to a constant; when that branch
+            # returns a nested If's outputs, all but the first lose their producer (Silero VAD's decoder).
+            notes.append("constant folding left If branches in place: inlining them broke the graph")
+            before, after, folded = fold(model, inline_branches=False)
+            if missing := undefined_inputs(folded.graph):
+                return PassResult(model, modified=False, notes=(
+                    f"constant folding skipped: it left {shown(missing[0])} without a producer",))
         if after == before:
             return PassResult(model, modified=False)
-        return PassResult(export_model(graph, like=model), modified=True,
-                          notes=(f"constant folding removed {before - after} of {before} nodes",))
+        return PassResult(folded, modified=True, notes=(*notes, f"constant folding removed {before - after} of "
+                                                                f"{before} nodes"))
+
+
+def fold(model: onnx.ModelProto, *, inline_branches: bool) -> tuple[int, int, onnx.ModelProto]:
+    """Nodes before and after folding, and the folded model."""
+    graph = import_graph(model)
+    before = len(graph.nodes)
+    graph.fold_constants(error_ok=True, flatten_subgraphs=inline_branches).cleanup(
+        remove_unused_graph_inputs=False).toposort()
+    return before, len(graph.nodes), export_model(graph, like=model)
