@@ -51,6 +51,35 @@ def test_stacked_layout_feeds_one_whole_input_per_run(tmp_path, rng):
     np.testing.assert_array_equal(got[5].feeds["ids"], ids[5])
 
 
+# A recurrent audio model as exported (Silero VAD): a [batch, time] signal, a [layers, batch, hidden] state whose
+# batch axis is not the first, and a scalar sample rate. Such files hold one run's inputs as they are.
+SIGNAL = InputSpec("input", np.dtype("float32"), ("batch", "time"))
+STATE = InputSpec("state", np.dtype("float32"), (2, "batch", 128))
+RATE = InputSpec("sr", np.dtype("int64"), ())
+
+
+def test_a_file_of_one_runs_inputs_is_fed_as_it_is(tmp_path, rng):
+    run = {"input": rng.normal(size=(1, 576)).astype(np.float32),
+           "state": rng.normal(size=(2, 1, 128)).astype(np.float32), "sr": np.array(16000)}
+    for k in range(3):
+        np.savez(tmp_path / f"{k}.npz", **run)
+    got = batches(open_data(tmp_path, [SIGNAL, STATE, RATE]))
+    assert len(got) == 3 and all(b.samples == 1 for b in got)
+    for name, value in run.items():
+        np.testing.assert_array_equal(got[2].feeds[name], value)
+    # The same from memory; a state without the rate differs from the signal in its first dim: still one run.
+    got = batches(open_data({"input": run["input"], "state": run["state"]}, [SIGNAL, STATE]))
+    assert len(got) == 1 and got[0].feeds["state"].shape == (2, 1, 128)
+
+
+def test_one_runs_inputs_are_checked_against_the_model(tmp_path, rng):
+    np.savez(tmp_path / "d.npz", input=np.zeros((1, 576), np.float32), state=np.zeros((3, 1, 128), np.float32),
+             sr=np.array(16000))
+    with pytest.raises(DataError, match=r"d.npz: input 'state' has shape \[3, 1, 128\], the model expects "
+                                        r"float32 \[2, batch, 128\]"):
+        open_data(tmp_path / "d.npz", [SIGNAL, STATE, RATE])
+
+
 def test_folder_of_npz_files_read_in_name_order(tmp_path, rng):
     a, b = images(3, rng), images(2, rng)
     np.savez(tmp_path / "b.npz", image=b)

@@ -162,10 +162,17 @@ def test_a_scalar_bool_condition_of_an_if_calibrates(rng):
     assert qdq.quantize(model, data).ranges.amax["x"] > 0
 
 
-def test_a_zero_dim_array_for_a_scalar_input_says_how_to_stack(rng):
+def test_a_zero_dim_array_for_a_scalar_input_is_one_run(rng):
+    model = parse(SCALED, rng)
+    a = rng.normal(size=(2, 32)).astype(np.float32)
+    ranges = qdq.calibrate(model, {"s": np.float32(3.0), "a": a}, config=qdq.QuantizeConfig(method="max"))
+    assert ranges.samples == 1 and ranges.amax["b"] == np.float32(np.abs(3 * a).max())
+
+
+def test_a_scalar_beside_batches_of_the_wrong_rank_says_how_to_stack(rng):
     model = parse(SCALED, rng)
     with pytest.raises(DataError, match=r"is a scalar: stack its samples along a first axis, shape \(N,\)"):
-        qdq.quantize(model, {"s": np.float32(1.0), "a": rng.normal(size=(2, 32)).astype(np.float32)})
+        qdq.quantize(model, {"s": np.float32(1.0), "a": rng.normal(size=(2, 4, 32)).astype(np.float32)})
 
 
 # --- damaged models -------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Calibration and evaluation data: npz files, folders of them, in-memory arrays, or iterables of feeds.
 
-Two npz layouts, told apart by rank (../specs/scheme.md): an array of the input's rank is cut into batches
-along its first (batch) axis; an array of one rank more stacks whole model inputs, fed one per run.
+Three npz layouts (../specs/scheme.md), told apart by rank: an array of the input's rank is cut into batches
+along its first (batch) axis; an array of one rank more stacks whole model inputs, fed one per run. When arrays
+of the inputs' ranks cannot be batches along a first axis (an input is a scalar, or their first dims differ: a
+recurrent state ``[layers, batch, hidden]`` beside an ``[batch, time]`` signal), the file is one run's inputs, fed
+as they are.
 Everything is validated against the model's inputs before any inference runs.
 """
 
@@ -75,13 +78,14 @@ class ArrayData:
     def __init__(self, where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
                  specs: list[InputSpec], batch_size: int | None) -> None:
         self.where = where
-        self.stacked, self.samples = check_layout(where, meta, specs)
-        self.rows = 1 if self.stacked else resolve_batch_size(where, specs, batch_size)
-        fixed = not self.stacked and any(s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 for s in specs)
+        self.layout, self.samples = check_layout(where, meta, specs)
+        self.rows = resolve_batch_size(where, specs, batch_size) if self.layout == "batched" else 1
+        fixed = self.layout == "batched" and any(s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0
+                                                 for s in specs)
         if fixed and self.samples < self.rows:
             raise DataError(f"{where}: {self.samples} samples, fewer than the model's fixed batch size {self.rows}")
         self.usable = self.samples - self.samples % self.rows if fixed else self.samples
-        check_run_bytes(where, meta, min(self.rows, self.samples))
+        check_run_bytes(where, meta, None if self.layout == "feed" else min(self.rows, self.samples))
         if self.usable < self.samples:
             log.warning("%s: the last %d samples do not fill a batch of %d and are skipped",
                         where, self.samples - self.usable, self.rows)
@@ -97,7 +101,10 @@ class ArrayData:
         for block in self.blocks():
             if seen >= self.usable:
                 return
-            if self.stacked:
+            if self.layout == "feed":
+                yield Batch(block, samples=1)
+                return
+            if self.layout == "stacked":
                 # v[0] of a stacked scalar input would be a numpy scalar, which ONNX Runtime does not take.
                 yield Batch({k: np.asarray(v[0]) for k, v in block.items()}, samples=1)
             else:
@@ -113,7 +120,11 @@ class NpzData(ArrayData):
         self.keys = [s.name for s in specs]
 
     def blocks(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter_rows(self.path, self.keys, self.rows)
+        if self.layout == "feed":  # one run's inputs, at most RUN_BYTES_LIMIT (checked): read whole
+            with np.load(self.path, allow_pickle=False) as arrays:
+                yield {k: arrays[k] for k in self.keys}
+            return
+        yield from iter_rows(self.path, self.keys, self.rows)
 
 
 class InMemoryData(ArrayData):
@@ -122,6 +133,9 @@ class InMemoryData(ArrayData):
         super().__init__("the data", {k: (v.dtype, v.shape) for k, v in self.arrays.items()}, specs, batch_size)
 
     def blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.layout == "feed":
+            yield self.arrays
+            return
         for start in range(0, self.usable, self.rows):
             yield {k: v[start:start + self.rows] for k, v in self.arrays.items()}
 
@@ -264,9 +278,14 @@ def conversion_hint(dtype: np.dtype) -> str:
 
 
 def check_layout(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]], specs: list[InputSpec]
-                 ) -> tuple[bool, int]:
-    """Validate arrays against the inputs; return (stacked layout?, number of samples)."""
+                 ) -> tuple[str, int]:
+    """Validate arrays against the inputs; return the layout (``batched``, ``stacked`` or ``feed``) and the number
+    of samples (1 for a feed)."""
     check_names(where, meta, specs)
+    if one_feed(meta, specs):
+        for spec in specs:
+            check_array(where, spec, *meta[spec.name], leading=0)
+        return "feed", 1
     layouts = set()
     for spec in specs:
         dtype, shape = meta[spec.name]
@@ -287,17 +306,28 @@ def check_layout(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]
     counts = {meta[s.name][1][0] for s in specs}
     if len(counts) > 1:
         raise DataError(f"{where}: the inputs hold different numbers of samples ({sorted(counts)})")
-    return layouts.pop(), counts.pop()
+    return "stacked" if layouts.pop() else "batched", counts.pop()
 
 
-def check_run_bytes(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]], rows: int) -> None:
-    """Refuse data whose runs of ``rows`` samples would need more than :data:`RUN_BYTES_LIMIT` of memory."""
-    sizes = {name: rows * math.prod(shape[1:]) * np.dtype(dtype).itemsize for name, (dtype, shape) in meta.items()}
+def one_feed(meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]], specs: list[InputSpec]) -> bool:
+    """Whether the arrays can only be one run's inputs as they are: each has its input's rank, and they cannot be
+    samples along a first axis (an input is a scalar, or the first dims differ)."""
+    if any(s.shape is None or len(meta[s.name][1]) != len(s.shape) for s in specs):
+        return False
+    return any(not s.shape for s in specs) or len({meta[s.name][1][0] for s in specs}) > 1
+
+
+def check_run_bytes(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]], rows: int | None) -> None:
+    """Refuse data whose runs of ``rows`` samples (``None``: the whole arrays, one run) would need more than
+    :data:`RUN_BYTES_LIMIT` of memory."""
+    sizes = {name: math.prod(shape) * np.dtype(dtype).itemsize if rows is None else
+             rows * math.prod(shape[1:]) * np.dtype(dtype).itemsize for name, (dtype, shape) in meta.items()}
     if (total := sum(sizes.values())) > RUN_BYTES_LIMIT:
         name = max(sizes, key=sizes.__getitem__)
-        raise DataError(f"{where}: one run of {rows} samples would take {total / 2**30:.3g} GiB of inputs "
-                        f"({shown(name)} is declared {list(meta[name][1])}); qdq's limit is "
-                        f"{RUN_BYTES_LIMIT / 2**30:g} GiB per run: use a smaller --batch-size, or check the file")
+        run, fix = ("one run", "check the file") if rows is None else (
+            f"one run of {rows} samples", "use a smaller --batch-size, or check the file")
+        raise DataError(f"{where}: {run} would take {total / 2**30:.3g} GiB of inputs ({shown(name)} is declared "
+                        f"{list(meta[name][1])}); qdq's limit is {RUN_BYTES_LIMIT / 2**30:g} GiB per run: {fix}")
 
 
 def resolve_batch_size(where: str, specs: list[InputSpec], requested: int | None) -> int:
