@@ -391,3 +391,68 @@ def test_a_nan_in_a_pooled_tensor_is_counted(rng, caplog):
     (r,) = whole(model, ["r"], x)
     assert ranges.amax["r"] == pytest.approx(float(np.nanmax(r)), rel=1e-6)
     assert f"{int(np.isnan(r).sum())} non-finite values" in caplog.text
+
+
+# --- quiet samples: MSE's amax keeps them representable ------------------------------------------------------------
+
+def quiet_and_loud(rng, quiet: int, loud: int, width: int = 500) -> np.ndarray:
+    """[quiet + loud, width]: faint noise peaking below 0.07, and samples with a few peaks near 19 (STFT-like)."""
+    x = rng.uniform(-0.07, 0.07, (quiet + loud, width))
+    x[quiet:, :25] = rng.uniform(15, 19, (loud, 25))
+    return rng.permutation(x).astype(np.float32)
+
+
+def test_histogram_counts_each_samples_peak_merge_exact(rng):
+    import pickle
+
+    x = quiet_and_loud(rng, 15, 5)
+    whole = Histogram()
+    whole.update(x, samples=20)
+    rows = Histogram()
+    for row in x:
+        rows.update(row[None], samples=1)
+    np.testing.assert_array_equal(whole.peaks, rows.peaks)
+    assert whole.peaks.sum() == 20
+    halves = [Histogram(), Histogram()]
+    halves[0].update(x[:7], samples=7)
+    halves[1].update(x[7:], samples=13)
+    np.testing.assert_array_equal(halves[0].merge(halves[1]).peaks, whole.peaks)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(whole)).peaks, whole.peaks)
+    one = Histogram()
+    one.update(x)  # no sample count: the batch is one sample
+    assert one.peaks.sum() == 1
+
+
+def test_quiet_peak_is_the_quantile_within_a_quarter_octave(rng):
+    peaks = np.exp(rng.uniform(-6, 3, 400))
+    h = Histogram()
+    h.update(rng.permutation(np.diag(peaks)).astype(np.float32), samples=400)
+    want = np.sort(peaks.astype(np.float32))[int(np.ceil(0.1 * 400)) - 1]
+    got = h.quiet_peak(0.1)
+    assert want * 2 ** -0.25 < got <= want
+
+
+def test_mse_amax_keeps_quiet_samples_four_steps(rng):
+    from qdq.calibrate.methods import QUIET_STEPS, quiet_cap
+
+    mixed, loud_only = Histogram(), Histogram()
+    mixed.update(x := quiet_and_loud(rng, 15, 5), samples=20)
+    loud_only.update(x[np.abs(x).max(axis=1) > 1], samples=5)
+    assert amax_mse(loud_only) > 10, "left alone, MSE keeps the loud peaks"
+    quiet_peak = float(np.abs(x).max(axis=1).min())
+    amax = amax_mse(mixed)
+    assert amax == quiet_cap(mixed) and amax < 3
+    assert quiet_peak / (amax / 127) >= QUIET_STEPS, "the quietest samples keep four integer steps"
+    assert quiet_cap(mixed) * 2 ** -0.25 <= quiet_peak * 127 / QUIET_STEPS
+
+
+def test_quiet_held_out_samples_survive_quantization(rng):
+    """End to end, against ONNX Runtime: a layer fed mostly quiet samples is still close to float on new quiet
+    samples, where the loud samples' range (max) rounds them to nothing."""
+    model = parse(AUTO_LAYER, rng)
+    width = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    calib = {"x": quiet_and_loud(rng, 48, 16, width)}
+    quiet = {"x": quiet_and_loud(rng, 32, 0, width)}
+    sqnr = {method: qdq.quantize(model, calib, evaluation_data=quiet, config=QuantizeConfig(method=method, optimize=0))
+            .report.comparison.outputs[0].sqnr_db for method in ("mse", "max")}
+    assert sqnr["mse"] > 15 and sqnr["max"] < 5, sqnr  # four steps at least, against none

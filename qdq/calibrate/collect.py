@@ -113,7 +113,8 @@ def observe(model: onnx.ModelProto, names: list[str], data: Dataset, stats: dict
         for seen in observer.observe(data):
             if pending is not None:
                 pending.result()
-            pending = worker.submit(update_all, [(stats[name], value, owned) for name, value, owned in seen.values])
+            pending = worker.submit(update_all, [(stats[name], value, owned) for name, value, owned in seen.values],
+                                    seen.batch.samples)
             samples += seen.batch.samples
             runs += 1
             bar.update()
@@ -124,6 +125,6 @@ def observe(model: onnx.ModelProto, names: list[str], data: Dataset, stats: dict
     return samples
 
 
-def update_all(updates: list[tuple[Statistic, np.ndarray, bool]]) -> None:
+def update_all(updates: list[tuple[Statistic, np.ndarray, bool]], samples: int) -> None:
     for stat, value, owned in updates:
-        stat.update(value, owned=owned)
+        stat.update(value, owned=owned, samples=samples)

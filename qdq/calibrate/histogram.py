@@ -13,8 +13,11 @@ Two views serve the methods:
   (pytorch-quantization's histogram of a single batch), re-binned from the fine counts. Each of its bins spans
   at least ``resolution / 2`` fine bins; a fine bin cut by a bin edge is split in proportion to its overlap.
 
+Each sample's peak |x| is counted too, on a log scale (:attr:`Histogram.peaks`, a quarter octave a bin), so that
+MSE can keep quiet samples representable (``methods.quiet_cap``).
+
 Memory: ``num_bins * resolution`` int64 counts per tensor (``FINE_BINS`` at most): 256 KB at the default 2048 bins
-(resolution 16), never more.
+(resolution 16), never more; 8 KB of peak counts.
 """
 
 from __future__ import annotations
@@ -33,11 +36,15 @@ FINE_BINS = 32768
 # The smallest top. Below it, num_bins / top would overflow float32 and bin indices would wrap around: data
 # whose largest |x| is smaller (subnormal, vanished activations) fills the lowest bins, and its amax is floored.
 MIN_TOP = 2.0 ** -100
+# Each sample's largest |x| is counted on a log scale, PEAK_BINS_PER_OCTAVE bins per power of two over
+# [2^-PEAK_OCTAVES, 2^PEAK_OCTAVES): O(1) memory, and merge-exact like the counts.
+PEAK_BINS_PER_OCTAVE = 4
+PEAK_OCTAVES = 128
 
 
 class Histogram:
     """Counts of |x| in ``num_bins`` equal bins over ``[0, top]`` (kept ``resolution`` times finer), plus the
-    running absmax and non-finite count."""
+    running absmax, the non-finite count, and how large each sample's largest |x| was (log bins)."""
 
     def __init__(self, num_bins: int = 2048) -> None:
         self.resolution = max(1, FINE_BINS // num_bins)
@@ -45,6 +52,7 @@ class Histogram:
         self.top = 0.0  # 0 until a non-zero value is seen; a power of two after
         self.amax = 0.0
         self.nonfinite = 0
+        self.peaks = np.zeros(2 * PEAK_OCTAVES * PEAK_BINS_PER_OCTAVE, dtype=np.int64)
 
     @property
     def num_bins(self) -> int:
@@ -86,20 +94,31 @@ class Histogram:
         at[0], at[-1] = 0.0, cumulative[-1]
         return np.maximum(np.diff(at), 0.0)
 
-    def update(self, x: np.ndarray, *, owned: bool = False) -> None:
-        """Add a batch. ``owned=True`` lets the histogram work in ``x``'s memory (an ORT output nobody reads again)."""
+    def update(self, x: np.ndarray, *, owned: bool = False, samples: int | None = None) -> None:
+        """Add a batch. ``owned=True`` lets the histogram work in ``x``'s memory (an ORT output nobody reads again).
+
+        ``samples``: how many samples the batch holds; where ``x``'s first axis has that length, each row's peak
+        is a sample's, else the whole batch's peak counts as one.
+        """
         if x.size == 0:
             return
-        x = np.asarray(x, dtype=np.float32).reshape(-1)
-        hi, lo = float(x.max()), float(x.min())
+        x = np.asarray(x, dtype=np.float32)
+        rows = x.reshape(samples if samples and x.ndim and x.shape[0] == samples else 1, -1)
+        highs, lows = rows.max(axis=1), rows.min(axis=1)
+        x = x.reshape(-1)
+        hi, lo = float(highs.max()), float(lows.min())
         if not (math.isfinite(hi) and math.isfinite(lo)):
-            finite = np.isfinite(x)
+            finite = np.isfinite(rows)
             self.nonfinite += int(x.size - np.count_nonzero(finite))
-            x = x[finite]
+            highs = np.where(finite, np.abs(rows), 0.0).max(axis=1)
+            lows = np.zeros_like(highs)
+            x = x[finite.reshape(-1)]
             if x.size == 0:
                 return
             hi, lo = float(x.max()), float(x.min())
         self.amax = max(self.amax, hi, -lo)
+        peaks = np.maximum(highs, -lows)
+        np.add.at(self.peaks, peak_bins(peaks[peaks > 0]), 1)
         if self.amax == 0.0:
             self.fine[0] += x.size
             return
@@ -118,6 +137,15 @@ class Histogram:
         counts[-2] += counts[-1]
         self.fine += counts[:-1]
 
+    def quiet_peak(self, fraction: float) -> float | None:
+        """A value at or below the peak |x| of the quietest ``fraction`` of the samples that held a non-zero value
+        (the lower edge of its log bin), or None if there were none."""
+        total = int(self.peaks.sum())
+        if total == 0:
+            return None
+        index = int(np.searchsorted(np.cumsum(self.peaks), max(1, math.ceil(fraction * total))))
+        return 2.0 ** (index / PEAK_BINS_PER_OCTAVE - PEAK_OCTAVES)
+
     def merge(self, other: Histogram) -> Histogram:
         """The histogram of both data sets together."""
         if other.num_bins != self.num_bins:
@@ -130,6 +158,7 @@ class Histogram:
         merged.top = max(self.top, other.top)
         merged.amax = max(self.amax, other.amax)
         merged.nonfinite = self.nonfinite + other.nonfinite
+        merged.peaks = self.peaks + other.peaks
         return merged
 
     def __getstate__(self) -> dict:
@@ -140,18 +169,22 @@ class Histogram:
                      if used == 0 or int(self.fine[:used].max()) <= np.iinfo(t).max)
         packed = zlib.compress(self.fine[:used].astype(dtype).tobytes(), 1)
         return {"num_bins": self.num_bins, "used": used, "dtype": np.dtype(dtype).str, "counts": packed,
-                "top": self.top, "amax": self.amax, "nonfinite": self.nonfinite}
+                "top": self.top, "amax": self.amax, "nonfinite": self.nonfinite,
+                "peaks": {int(i): int(self.peaks[i]) for i in np.flatnonzero(self.peaks)}}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["num_bins"])
         used = state["used"]
         self.fine[:used] = np.frombuffer(zlib.decompress(state["counts"]), dtype=state["dtype"], count=used)
         self.top, self.amax, self.nonfinite = state["top"], state["amax"], state["nonfinite"]
+        for index, count in state["peaks"].items():
+            self.peaks[index] = count
 
     def copy(self) -> Histogram:
         clone = Histogram(self.num_bins)
         clone.fine[:] = self.fine
         clone.top, clone.amax, clone.nonfinite = self.top, self.amax, self.nonfinite
+        clone.peaks[:] = self.peaks
         return clone
 
     def _grow(self, value: float) -> None:
@@ -168,3 +201,9 @@ class Histogram:
             self.fine = np.concatenate([self.fine.reshape(-1, 2).sum(axis=1),
                                         np.zeros(len(self.fine) // 2, dtype=np.int64)])
             self.top *= 2.0
+
+
+def peak_bins(peaks: np.ndarray) -> np.ndarray:
+    """The log bins of positive peaks: bin k holds [2^(k/4 - 128), 2^((k+1)/4 - 128)), clamped to the range."""
+    index = np.floor((np.log2(peaks.astype(np.float64)) + PEAK_OCTAVES) * PEAK_BINS_PER_OCTAVE).astype(np.intp)
+    return np.clip(index, 0, 2 * PEAK_OCTAVES * PEAK_BINS_PER_OCTAVE - 1)

@@ -14,7 +14,7 @@ class AbsMax:
     amax: float = 0.0
     nonfinite: int = 0
 
-    def update(self, x: np.ndarray, *, owned: bool = False) -> None:
+    def update(self, x: np.ndarray, *, owned: bool = False, samples: int | None = None) -> None:
         if x.size == 0:
             return
         hi, lo = x.max(), x.min()  # no |x| temporary: two reductions over the batch instead
