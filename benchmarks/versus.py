@@ -87,6 +87,8 @@ MODELS = {
     "layout": Model(REAL / "layout" / "layout.onnx", "layout", outputs=4),
     "orientation": Model(REAL / "orientation" / "orientation.onnx", "classifier"),
     "silero_vad": Model(REAL / "silero_vad" / "silero_vad.onnx", "vad", stacked=True),
+    "ppocr6_det": Model(REAL / "ppocr6_det" / "ppocr6_det.onnx", "det_map"),
+    "ppocr6_rec": Model(REAL / "ppocr6_rec" / "ppocr6_rec.onnx", "rec"),
     "digits": Model(ROOT / "models" / "digits" / "digits.onnx", "classifier"),
     "dwsep": Model(ROOT / "models" / "trained" / "dwsep" / "dwsep.onnx", "classifier"),
     "transformer": Model(ROOT / "models" / "trained" / "transformer" / "transformer.onnx", "classifier"),
