@@ -453,6 +453,8 @@ def test_quiet_held_out_samples_survive_quantization(rng):
     width = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
     calib = {"x": quiet_and_loud(rng, 48, 16, width)}
     quiet = {"x": quiet_and_loud(rng, 32, 0, width)}
-    sqnr = {method: qdq.quantize(model, calib, evaluation_data=quiet, config=QuantizeConfig(method=method, optimize=0))
-            .report.comparison.outputs[0].sqnr_db for method in ("mse", "max")}
+    results = {method: qdq.quantize(model, calib, evaluation_data=quiet,
+                                    config=QuantizeConfig(method=method, optimize=0)) for method in ("mse", "max")}
+    sqnr = {method: r.report.comparison.outputs[0].sqnr_db for method, r in results.items()}
     assert sqnr["mse"] > 15 and sqnr["max"] < 5, sqnr  # four steps at least, against none
+    assert results["mse"].ranges.source("r") == "mse, capped for quiet samples", "said in explain, --json, the report"

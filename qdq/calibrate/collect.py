@@ -20,6 +20,7 @@ from tqdm import tqdm
 from qdq.calibrate.auto import AUTO_SAMPLES, Recording, choose, first_samples
 from qdq.calibrate.data import Dataset
 from qdq.calibrate.histogram import Histogram
+from qdq.calibrate.methods import QUIET_STEPS, quiet_cap
 from qdq.calibrate.observer import OBSERVERS
 from qdq.calibrate.options import CalibrationOptions
 from qdq.calibrate.registry import METHODS, Statistic, method_amax, new_statistic
@@ -92,7 +93,15 @@ def reduce_statistics(stats: dict[str, Statistic], options: CalibrationOptions, 
             log.warning("tensor %r was all zeros on %d samples; its scale uses the floor amax", name, samples)
         amax[name] = float(np.float32(method_amax(stat, options)))
     histograms = {name: stat for name, stat in stats.items() if isinstance(stat, Histogram)}
-    return TensorRanges(amax, method=options.method, samples=samples, histograms=histograms)
+    sources = {}
+    if options.method == "mse":
+        capped = [name for name, hist in histograms.items()
+                  if (cap := quiet_cap(hist, options.scheme)) is not None and amax[name] == float(np.float32(cap))]
+        sources = dict.fromkeys(capped, "mse, capped for quiet samples")
+        if capped:
+            log.info("mse: %d ranges capped so that the quietest tenth of the samples keep %d steps (%s)",
+                     len(capped), QUIET_STEPS, ", ".join(capped[:3]) + (" ..." if len(capped) > 3 else ""))
+    return TensorRanges(amax, method=options.method, samples=samples, histograms=histograms, sources=sources)
 
 
 def chunks(names: list[str], size: int) -> Iterator[list[str]]:
