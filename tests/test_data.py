@@ -80,6 +80,12 @@ def test_one_runs_inputs_are_checked_against_the_model(tmp_path, rng):
         open_data(tmp_path / "d.npz", [SIGNAL, STATE, RATE])
 
 
+def test_batches_of_different_lengths_are_a_mistake_not_one_run(rng):
+    scale = InputSpec("scale", np.dtype("float32"), ("batch",))
+    with pytest.raises(DataError, match=r"the inputs hold different numbers of samples \(\[10, 12\]\)"):
+        open_data({"image": images(10, rng), "scale": np.ones(12, np.float32)}, [IMAGE, scale])
+
+
 def test_folder_of_npz_files_read_in_name_order(tmp_path, rng):
     a, b = images(3, rng), images(2, rng)
     np.savez(tmp_path / "b.npz", image=b)

@@ -2,9 +2,9 @@
 
 Three npz layouts (../specs/scheme.md), told apart by rank: an array of the input's rank is cut into batches
 along its first (batch) axis; an array of one rank more stacks whole model inputs, fed one per run. When arrays
-of the inputs' ranks cannot be batches along a first axis (an input is a scalar, or their first dims differ: a
-recurrent state ``[layers, batch, hidden]`` beside an ``[batch, time]`` signal), the file is one run's inputs, fed
-as they are.
+of the inputs' ranks cannot be batches along a first axis (an input is a scalar, or their first dims differ where
+an input's first dim is fixed: a recurrent state ``[layers, batch, hidden]`` beside a ``[batch, time]`` signal),
+the file is one run's inputs, fed as they are.
 Everything is validated against the model's inputs before any inference runs.
 """
 
@@ -310,11 +310,16 @@ def check_layout(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]
 
 
 def one_feed(meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]], specs: list[InputSpec]) -> bool:
-    """Whether the arrays can only be one run's inputs as they are: each has its input's rank, and they cannot be
-    samples along a first axis (an input is a scalar, or the first dims differ)."""
+    """Whether the arrays can only be one run's inputs as they are: each has its input's rank, and axis 0 cannot
+    be their batch axis, because an input is a scalar, or the first dims differ where an input's first dim is
+    fixed (a recurrent state ``[layers, batch, hidden]``). First dims that differ where all are free are a
+    mistake, said as such by check_layout."""
     if any(s.shape is None or len(meta[s.name][1]) != len(s.shape) for s in specs):
         return False
-    return any(not s.shape for s in specs) or len({meta[s.name][1][0] for s in specs}) > 1
+    if any(not s.shape for s in specs):
+        return True
+    fixed_first = any(isinstance(s.shape[0], int) and s.shape[0] > 0 for s in specs)
+    return fixed_first and len({meta[s.name][1][0] for s in specs}) > 1
 
 
 def check_run_bytes(where: str, meta: Mapping[str, tuple[np.dtype, tuple[int, ...]]], rows: int | None) -> None:
