@@ -432,7 +432,7 @@ def test_quiet_peak_is_the_quantile_within_a_quarter_octave(rng):
     assert want * 2 ** -0.25 < got <= want
 
 
-def test_mse_amax_keeps_quiet_samples_four_steps(rng):
+def test_mse_amax_keeps_quiet_samples_off_zero(rng):
     from qdq.calibrate.methods import QUIET_STEPS, quiet_cap
 
     mixed, loud_only = Histogram(), Histogram()
@@ -441,8 +441,8 @@ def test_mse_amax_keeps_quiet_samples_four_steps(rng):
     assert amax_mse(loud_only) > 10, "left alone, MSE keeps the loud peaks"
     quiet_peak = float(np.abs(x).max(axis=1).min())
     amax = amax_mse(mixed)
-    assert amax == quiet_cap(mixed) and amax < 3
-    assert quiet_peak / (amax / 127) >= QUIET_STEPS, "the quietest samples keep four integer steps"
+    assert amax == quiet_cap(mixed) and amax < 10
+    assert quiet_peak / (amax / 127) >= QUIET_STEPS, "the quietest samples' peaks keep an integer step"
     assert quiet_cap(mixed) * 2 ** -0.25 <= quiet_peak * 127 / QUIET_STEPS
 
 
@@ -456,5 +456,5 @@ def test_quiet_held_out_samples_survive_quantization(rng):
     results = {method: qdq.quantize(model, calib, evaluation_data=quiet,
                                     config=QuantizeConfig(method=method, optimize=0)) for method in ("mse", "max")}
     sqnr = {method: r.report.comparison.outputs[0].sqnr_db for method, r in results.items()}
-    assert sqnr["mse"] > 15 and sqnr["max"] < 5, sqnr  # four steps at least, against none
+    assert sqnr["mse"] > 5 and sqnr["max"] < 1, sqnr  # a step at least, against none
     assert results["mse"].ranges.source("r") == "mse, capped for quiet samples", "said in explain, --json, the report"

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from qdq.calibrate.auto import AUTO_SAMPLES, Recording, choose, first_samples
 from qdq.calibrate.data import Dataset
 from qdq.calibrate.histogram import Histogram
-from qdq.calibrate.methods import QUIET_STEPS, quiet_cap
+from qdq.calibrate.methods import quiet_cap
 from qdq.calibrate.observer import OBSERVERS
 from qdq.calibrate.options import CalibrationOptions
 from qdq.calibrate.registry import METHODS, Statistic, method_amax, new_statistic
@@ -99,8 +99,8 @@ def reduce_statistics(stats: dict[str, Statistic], options: CalibrationOptions, 
                   if (cap := quiet_cap(hist, options.scheme)) is not None and amax[name] == float(np.float32(cap))]
         sources = dict.fromkeys(capped, "mse, capped for quiet samples")
         if capped:
-            log.info("mse: %d ranges capped so that the quietest tenth of the samples keep %d steps (%s)",
-                     len(capped), QUIET_STEPS, ", ".join(capped[:3]) + (" ..." if len(capped) > 3 else ""))
+            log.info("mse: %d ranges capped so that the quietest tenth of the samples do not round to zero (%s)",
+                     len(capped), ", ".join(capped[:3]) + (" ..." if len(capped) > 3 else ""))
     return TensorRanges(amax, method=options.method, samples=samples, histograms=histograms, sources=sources)
 
 
