@@ -130,8 +130,11 @@ def quantize(
         notes.append(f"{len(control)} control-flow nodes ({', '.join(control[:3])}): their subgraphs are left float")
         log.warning("%s", notes[-1])
     if not plan:
-        notes.append("nothing to quantize: the model has no Conv, ConvTranspose, Gemm or MatMul on float32 "
-                     "tensors; the output is the prepared float model")
+        inside = sum(weighted_in_subgraphs(n) for n in prepared.graph.node if n.op_type in CONTROL_FLOW_OPS)
+        where = (f"its {inside} Conv/ConvTranspose/Gemm/MatMul nodes are all inside If/Loop/Scan subgraphs, which qdq "
+                 "leaves float" if inside else "the model has no Conv, ConvTranspose, Gemm or MatMul on float32 "
+                 "tensors")
+        notes.append(f"nothing to quantize: {where}; the output is the prepared float model")
         log.warning("%s", notes[-1])
     if ranges is not None:
         warn_unknown_names(ranges, source)
@@ -293,6 +296,16 @@ def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | 
         known = known.merged(collect_ranges(model, missing, calibration, config.calibration(), plan=plan,
                                             progress=progress))
     return known.subset(needed).shared(plan.shared_scales)
+
+
+def weighted_in_subgraphs(node: onnx.NodeProto) -> int:
+    """How many weighted ops a control-flow node's subgraphs hold, at any depth."""
+    count = 0
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+            count += sum(1 for inner in graph.node if inner.op_type in WEIGHTED_OPS)
+            count += sum(weighted_in_subgraphs(inner) for inner in graph.node)
+    return count
 
 
 def check_weights(model: onnx.ModelProto, plan: QuantPlan) -> None:

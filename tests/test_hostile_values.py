@@ -162,6 +162,24 @@ def test_a_scalar_bool_condition_of_an_if_calibrates(rng):
     assert qdq.quantize(model, data).ranges.amax["x"] > 0
 
 
+def test_a_network_wholly_inside_if_branches_says_where_its_layers_are(rng):
+    """Silero VAD's default export: every layer sits in the branches of an If on the sample rate."""
+    w = numpy_helper.from_array(rng.normal(size=(32, 32)).astype(np.float32), "w")
+    branches = [helper.make_graph([helper.make_node("MatMul", ["x", "w"], [name])], name, [],
+                                  [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 32])])
+                for name in ("t", "e")]
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branches[0], else_branch=branches[1])], "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    result = qdq.quantize(model, {"c": np.array(True), "x": rng.normal(size=(4, 32)).astype(np.float32)})
+    assert any("nothing to quantize: its 2 Conv/ConvTranspose/Gemm/MatMul nodes are all inside If/Loop/Scan "
+               "subgraphs" in n for n in result.report.notes), result.report.notes
+
+
 def test_a_zero_dim_array_for_a_scalar_input_is_one_run(rng):
     model = parse(SCALED, rng)
     a = rng.normal(size=(2, 32)).astype(np.float32)
