@@ -188,15 +188,25 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes[i] for i in order)
 
 
-def subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Every name the node's subgraphs (If branches, Loop/Scan bodies) read, at any depth."""
-    names: set[str] = set()
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The node's own subgraphs: If branches, Loop and Scan bodies."""
     for attribute in node.attribute:
-        for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-            for inner in subgraph.node:
-                names.update(inner.input)
-                names |= subgraph_reads(inner)
-    return names
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.g
+        yield from attribute.graphs
+
+
+def nested_nodes(node: onnx.NodeProto) -> Iterator[onnx.NodeProto]:
+    """Every node inside the node's subgraphs, at any depth."""
+    for subgraph in subgraphs(node):
+        for inner in subgraph.node:
+            yield inner
+            yield from nested_nodes(inner)
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every name the node's subgraphs read, at any depth."""
+    return {name for inner in nested_nodes(node) for name in inner.input}
 
 
 def undefined_inputs(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> list[str]:
@@ -206,9 +216,8 @@ def undefined_inputs(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()
     missing = []
     for node in graph.node:
         missing += [name for name in node.input if name not in defined]
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                missing += undefined_inputs(subgraph, frozenset(defined))
+        for subgraph in subgraphs(node):
+            missing += undefined_inputs(subgraph, frozenset(defined))
         defined.update(node.output)
     return missing
 

@@ -21,7 +21,7 @@ from qdq.check import check_model
 from qdq.compare import Comparison, compare_models
 from qdq.config import QuantizeConfig
 from qdq.errors import ArgumentError, CalibrationError, DataError, ModelError, OutputError, shown
-from qdq.graph import structure_only
+from qdq.graph import nested_nodes, structure_only
 from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.ops import CONTROL_FLOW_OPS, WEIGHTED_OPS
@@ -130,7 +130,7 @@ def quantize(
         notes.append(f"{len(control)} control-flow nodes ({', '.join(control[:3])}): their subgraphs are left float")
         log.warning("%s", notes[-1])
     if not plan:
-        inside = sum(weighted_in_subgraphs(n) for n in prepared.graph.node if n.op_type in CONTROL_FLOW_OPS)
+        inside = sum(inner.op_type in WEIGHTED_OPS for n in prepared.graph.node for inner in nested_nodes(n))
         where = (f"its {inside} Conv/ConvTranspose/Gemm/MatMul nodes are all inside If/Loop/Scan subgraphs, which qdq "
                  "leaves float" if inside else "the model has no Conv, ConvTranspose, Gemm or MatMul on float32 "
                  "tensors")
@@ -296,16 +296,6 @@ def plan_ranges(model: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | 
         known = known.merged(collect_ranges(model, missing, calibration, config.calibration(), plan=plan,
                                             progress=progress))
     return known.subset(needed).shared(plan.shared_scales)
-
-
-def weighted_in_subgraphs(node: onnx.NodeProto) -> int:
-    """How many weighted ops a control-flow node's subgraphs hold, at any depth."""
-    count = 0
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-            count += sum(1 for inner in graph.node if inner.op_type in WEIGHTED_OPS)
-            count += sum(weighted_in_subgraphs(inner) for inner in graph.node)
-    return count
 
 
 def check_weights(model: onnx.ModelProto, plan: QuantPlan) -> None:
