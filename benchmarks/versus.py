@@ -67,8 +67,9 @@ REAL = ROOT / "benchmarks" / ".data" / "real"
 @dataclass(frozen=True)
 class Model:
     path: Path
-    task: str  # classifier, det_map, rec, layout, vad
+    task: str  # classifier, det_map, rec, layout, vad, embedding
     outputs: int = 1  # how many leading graph outputs make the main output (concatenated)
+    main: str = ""  # else the one graph output of this name is the main output
     stacked: bool = False  # the npz files stack whole inputs, one run each (qdq's "one rank more" layout)
 
     @property
@@ -90,6 +91,8 @@ MODELS = {
     "silero_vad_b": Model(REAL / "silero_vad_b" / "silero_vad_b.onnx", "vad", stacked=True),
     "ppocr6_det": Model(REAL / "ppocr6_det" / "ppocr6_det.onnx", "det_map"),
     "ppocr6_rec": Model(REAL / "ppocr6_rec" / "ppocr6_rec.onnx", "rec"),
+    "minilm": Model(ROOT / "benchmarks" / ".data" / "minilm" / "minilm.onnx", "embedding",
+                    main="sentence_embedding"),
     "digits": Model(ROOT / "models" / "digits" / "digits.onnx", "classifier"),
     "dwsep": Model(ROOT / "models" / "trained" / "dwsep" / "dwsep.onnx", "classifier"),
     "transformer": Model(ROOT / "models" / "trained" / "transformer" / "transformer.onnx", "classifier"),
@@ -136,10 +139,10 @@ def feeds_of(model: Model, data: dict[str, np.ndarray], source: onnx.ModelProto)
     return batches(data, batch_of(source))
 
 
-def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], outputs: int) -> list[np.ndarray]:
-    """The first ``outputs`` graph outputs over every batch, per output concatenated along the batch axis."""
+def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], main: Model) -> list[np.ndarray]:
+    """The main output over every batch, per graph output concatenated along the batch axis."""
     session = quantized_session(model, what="model")
-    names = [o.name for o in session.get_outputs()[:outputs]]
+    names = [main.main] if main.main else [o.name for o in session.get_outputs()[:main.outputs]]
     got = [session.run(names, feed) for feed in feeds]
     return [np.concatenate([g[i] for g in got]) for i in range(len(names))]
 
@@ -153,6 +156,9 @@ def metrics(task: str, reference: list[np.ndarray], quantized: list[np.ndarray])
         task_value = float(np.mean(r.argmax(-1) == q.argmax(-1)))
     elif task == "rec":
         task_value = float(np.mean(r.argmax(-1) == q.argmax(-1)))
+    elif task == "embedding":  # sentence embeddings: mean cosine similarity
+        cos = np.sum(r * q, -1) / np.maximum(np.linalg.norm(r, axis=-1) * np.linalg.norm(q, axis=-1), 1e-30)
+        task_value = float(np.mean(cos))
     elif task == "vad":  # speech decisions at Silero's default threshold
         task_value = float(np.mean((r > 0.5) == (q > 0.5)))
     elif task == "det_map":
@@ -263,14 +269,14 @@ def measure(name: str, configs: list[str]) -> list[dict]:
     model = MODELS[name]
     proto = onnx.load(str(model.path))
     feeds = feeds_of(model, load(model.eval), proto)
-    reference = run(proto, feeds, model.outputs)
+    reference = run(proto, feeds, model)
     rows = []
     for config in configs:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 quantized, seconds = quantizer(config)(model, Path(tmp) / "q.onnx")
                 row = {"model": name, "config": config, **metrics(model.task, reference,
-                                                                 run(quantized, feeds, model.outputs)),
+                                                                 run(quantized, feeds, model)),
                        "seconds": seconds}
             except Exception as exc:  # a competitor failing on a model is a result, not a crash of the benchmark
                 traceback.print_exc()

@@ -140,19 +140,21 @@ def quantize(
         warn_unknown_names(ranges, source)
     # ``working`` is what gets quantized (float-exact rewrites, then re-rounded weights); ``prepared`` stays the
     # float reference the output is compared with.
-    working, technique_notes, smoothed = before_calibration(prepared, plan, calibration, config,
-                                                            ranges_given=ranges is not None)
+    working, technique_notes, smoothed, rescaled = before_calibration(prepared, plan, calibration, config,
+                                                                      given=ranges)
     notes.extend(technique_notes)
     plan, technique_notes = refine_plan(working, plan, calibration, config)
     notes.extend(technique_notes)
     used = plan_ranges(working, plan, calibration, config, ranges, notes, progress=progress)
-    if smoothed := {name: amax for name, amax in smoothed.items() if name in used}:
+    # A given range wins over the smoothed maximum (the same value when the ranges come from an identical run).
+    if smoothed := {name: amax for name, amax in smoothed.items() if name in used and name not in (ranges or {})}:
         used = TensorRanges(smoothed, method=used.method, sources=dict.fromkeys(smoothed, "smoothquant: max")
                             ).merged(used).shared(plan.shared_scales)
     if config.target_sqnr is not None or config.max_top1_drop is not None:
         plan, used, float_session = meet_target(working, plan, used, evaluation, config, notes, progress=progress)
     else:
         float_session = None
+    used = dataclasses.replace(used, rescaled=rescaled)
     check_weights(working, plan)
     working, technique_notes = after_calibration(working, plan, used, calibration, config)
     notes.extend(technique_notes)

@@ -5,7 +5,9 @@
 - cache (TensorRT's implicit-INT8 calibrators): a ``TRT-<version>-<Calibrator>`` header, then ``name: HEX`` per
   line, HEX being the big-endian bits of the float32 *scale* (amax / 127) without leading zeros. A scale of 0
   means "no usable range": such lines are skipped with a warning.
-- json: ``{"format": "qdq-ranges", "version": 1, "method": ..., "samples": N, "tensors": {name: {"amax": x}}}``.
+- json: ``{"format": "qdq-ranges", "version": 1, "method": ..., "samples": N, "tensors": {name: {"amax": x}}}``,
+  and ``"rescaled_by": [...]`` when the ranges were measured after techniques that rescale activations
+  (SmoothQuant, equalization): reusing them means redoing those, which only this format can say.
 
 Reading a file and writing it back in the same format gives the same scales bit for bit. Text and JSON keep the
 amax, whatever scheme applies it; a cache stores INT8 scales (TensorRT's calibrators are INT8 only), so
@@ -27,6 +29,7 @@ import numpy as np
 from qdq.errors import DataError, OutputError, printable, shown
 from qdq.files import read_bounded
 from qdq.model_io import first_line, write_atomic
+from qdq.optimize import RESCALING
 from qdq.ranges import TensorRanges
 from qdq.scheme import INT8
 
@@ -99,6 +102,10 @@ def write_ranges(ranges: TensorRanges, path: str | os.PathLike[str], fmt: str | 
     path = Path(path)
     fmt = fmt or format_for_path(path)
     render = {"text": render_text, "cache": render_cache, "json": render_json}[fmt]
+    if ranges.rescaled and fmt != "json":
+        log.warning("%s: these ranges were measured after %s, which the %s format cannot say: given back with "
+                    "--ranges, they would be applied to the model without it; write .json to reuse them",
+                    path, " and ".join(ranges.rescaled), fmt)
     return write_atomic(path, render(ranges).encode("utf-8"))
 
 
@@ -172,7 +179,12 @@ def parse_json(text: str, where: str) -> TensorRanges:
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
             raise DataError(f"{where}: not a qdq range file (no \"format\": \"{JSON_FORMAT}\")")
         amax = {name: check_amax(where, name, float(entry["amax"])) for name, entry in doc["tensors"].items()}
-        return TensorRanges(amax, method=str(doc.get("method", "unknown")), samples=int(doc.get("samples", 0)))
+        rescaled = doc.get("rescaled_by", [])
+        if not isinstance(rescaled, list) or any(t not in RESCALING for t in rescaled):
+            raise DataError(f"{where}: \"rescaled_by\" must be a list of {', '.join(RESCALING)}, got "
+                            f"{printable(json.dumps(rescaled))[:100]}")
+        return TensorRanges(amax, method=str(doc.get("method", "unknown")), samples=int(doc.get("samples", 0)),
+                            rescaled=tuple(t for t in RESCALING if t in rescaled))
     except RecursionError:
         raise DataError(f"{where}: malformed qdq range file (nested too deeply)") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -197,5 +209,5 @@ def render_cache(ranges: TensorRanges) -> str:
 def render_json(ranges: TensorRanges) -> str:
     tensors = {name: {"amax": ranges.amax[name]} for name in ranges}
     doc = {"format": JSON_FORMAT, "version": JSON_VERSION, "method": ranges.method, "samples": ranges.samples,
-           "tensors": tensors}
+           **({"rescaled_by": list(ranges.rescaled)} if ranges.rescaled else {}), "tensors": tensors}
     return json.dumps(doc, indent=1) + "\n"

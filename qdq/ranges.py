@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from qdq.calibrate.histogram import Histogram
 
 
+SHARED = ", shared with "
+
+
 @dataclass(frozen=True)
 class TensorRanges:
     """``amax`` per tensor name, how they were obtained, and exact scales where a file gave them.
@@ -29,7 +32,9 @@ class TensorRanges:
     ``header`` keeps a cache's first line so that writing it back reproduces the file. ``histograms`` are the
     calibration statistics of the histogram methods (for reports; O(bins) each). ``sources`` says, per tensor, what
     chose its amax where that is not ``method`` itself (``auto: mse``: auto picked MSE's threshold; ``shared with
-    t``: a Concat group's).
+    t``: a Concat group's). ``rescaled`` names the techniques that rescaled activations (``equalize``,
+    ``smoothquant``) before the ranges were measured: the tensors are then the rescaled model's, and using the
+    ranges again means rescaling the model again.
     """
 
     amax: Mapping[str, float]
@@ -39,6 +44,7 @@ class TensorRanges:
     header: str | None = None
     histograms: Mapping[str, Histogram] = field(default_factory=dict, compare=False, repr=False)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    rescaled: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, value in self.amax.items():
@@ -71,7 +77,8 @@ class TensorRanges:
         return TensorRanges({n: self.amax[n] for n in names}, method=self.method, samples=self.samples,
                             scales={n: self.scales[n] for n in names if n in self.scales}, header=self.header,
                             histograms={n: self.histograms[n] for n in names if n in self.histograms},
-                            sources={n: self.sources[n] for n in names if n in self.sources})
+                            sources={n: self.sources[n] for n in names if n in self.sources},
+                            rescaled=self.rescaled)
 
     def merged(self, other: TensorRanges) -> TensorRanges:
         """These ranges completed by ``other``'s (ours win where both have a tensor)."""
@@ -81,7 +88,8 @@ class TensorRanges:
         return TensorRanges({**other.amax, **self.amax}, method=method, samples=other.samples or self.samples,
                             scales={**other.scales, **self.scales}, header=self.header,
                             histograms={**other.histograms, **self.histograms},
-                            sources={**{n: other.source(n) for n in other}, **{n: self.source(n) for n in self}})
+                            sources={**{n: other.source(n) for n in other}, **{n: self.source(n) for n in self}},
+                            rescaled=self.rescaled or other.rescaled)
 
     def shared(self, groups: tuple[tuple[str, ...], ...]) -> TensorRanges:
         """Each group's members all take the group's largest range (one scale for a Concat and its inputs)."""
@@ -91,16 +99,16 @@ class TensorRanges:
             if len(members) < 2:
                 continue
             widest = max(members, key=lambda n: (self.scale(n), n))
+            chosen_by = self.source(widest).split(SHARED)[0]  # sharing twice says it once
             for name in members:
                 amax[name] = self.amax[widest]
-                if name != widest:
-                    sources[name] = f"{self.source(widest)}, shared with {widest}"
+                sources[name] = chosen_by if name == widest else f"{chosen_by}{SHARED}{widest}"
                 if widest in self.scales:
                     scales[name] = self.scales[widest]
                 else:
                     scales.pop(name, None)
         return TensorRanges(amax, method=self.method, samples=self.samples, scales=scales, header=self.header,
-                            histograms=self.histograms, sources=sources)
+                            histograms=self.histograms, sources=sources, rescaled=self.rescaled)
 
 
 def inherit_through_copies(model: onnx.ModelProto, names: list[str], ranges: TensorRanges
@@ -125,4 +133,4 @@ def inherit_through_copies(model: onnx.ModelProto, names: list[str], ranges: Ten
     if not notes:
         return ranges, notes
     return TensorRanges(amax, method=ranges.method, samples=ranges.samples, scales=scales,
-                        header=ranges.header), notes
+                        header=ranges.header, rescaled=ranges.rescaled), notes

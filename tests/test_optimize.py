@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -362,6 +363,45 @@ def test_ranges_given_skip_the_float_rewrites(rng):
     result = qdq.quantize(model, {"x": x}, ranges=ranges, config=QuantizeConfig(optimize=2))
     assert any("smoothquant skipped: ranges were given" in n or "equalize and smoothquant skipped" in n
                for n in result.report.notes), result.report.notes
+
+
+def test_ranges_saved_after_smoothquant_reproduce_the_model_and_say_so(rng, tmp_path, caplog):
+    """Ranges measured on the smoothed model describe its tensors: given back (the Python value or qdq's JSON),
+    SmoothQuant is redone so they fit, and the model is the same. The text format cannot say so: a warning."""
+    from qdq.errors import DataError
+    from qdq.range_files import read_ranges, write_ranges
+
+    model = parse(NORM, rng)
+    g = np.ones(16, np.float32)
+    g[[3, 11]] = 30.0
+    model = with_weight(with_weight(model, "g", g), "g2", g)
+    x = rng.normal(size=(40, 6, 16)).astype(np.float32)
+    config = QuantizeConfig(techniques=("smoothquant",))
+    first = qdq.quantize(model, {"x": x}, config=config)
+    assert first.ranges.rescaled == ("smoothquant",)
+    path = write_ranges(first.ranges, tmp_path / "r.json")
+    saved = read_ranges(path)
+    assert saved.rescaled == ("smoothquant",) and saved.amax == first.ranges.amax
+    for given, level in ((saved, QuantizeConfig(optimize=0)), (first.ranges, config)):
+        again = qdq.quantize(model, {"x": x}, ranges=given, config=level)
+        assert any("smoothquant redone" in n for n in again.report.notes), again.report.notes
+        # the smoothed, quantized weights, the norms' scales and biases and the Q/DQ scales, bit for bit
+        assert {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in again.model.graph.initializer} == \
+            {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in first.model.graph.initializer}
+    # The same ranges as if unsmoothed clip the channels SmoothQuant brought down: far from the float outputs.
+    plain = qdq.quantize(model, {"x": x}, ranges=dataclasses.replace(saved, rescaled=()), config=config)
+    assert any("smoothquant skipped: ranges were given" in n for n in plain.report.notes), plain.report.notes
+    reference = run_ort(model, {"x": x}, ["y"])[0]
+
+    def error(m: onnx.ModelProto) -> float:
+        return float(np.mean((run_ort(m, {"x": x}, ["y"])[0] - reference) ** 2))
+
+    assert error(plain.model) > 4 * error(first.model), (error(plain.model), error(first.model))
+    with pytest.raises(DataError, match="measured after SmoothQuant.*give the calibration data"):
+        qdq.quantize(model, None, ranges=saved)
+    with caplog.at_level("WARNING"):
+        write_ranges(first.ranges, tmp_path / "r.txt")
+    assert "measured after smoothquant, which the text format cannot say" in caplog.text
 
 
 def test_explain_lists_each_technique_and_what_it_skips(rng, tmp_path, capsys):

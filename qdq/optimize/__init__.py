@@ -18,6 +18,8 @@ LEVELS: dict[int, tuple[str, ...]] = {
     1: ("smoothquant", "bias-correction", "uneven-depthwise"),
     2: ("equalize", "smoothquant", "adaround", "bias-correction", "uneven-depthwise"),
 }
+# The techniques that rescale activations: ranges measured after them are the rescaled model's tensors'.
+RESCALING: tuple[str, ...] = ("equalize", "smoothquant")
 # Iterations of AdaRound's soft relaxation before the greedy flips. 0: measured on the sample models
 # (benchmarks/techniques.py), 200 iterations took 5-100x longer than the flips alone and ended within 0.3 dB of
 # them, as often below as above. The relaxation stays available to the Python API (adaround.learned_rounding).

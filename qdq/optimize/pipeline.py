@@ -8,8 +8,9 @@ import onnx
 
 from qdq.calibrate.data import Dataset
 from qdq.config import QuantizeConfig
+from qdq.errors import DataError
 from qdq.graph import tensor_bytes
-from qdq.optimize import RELAXATION_ITERATIONS, chosen_techniques
+from qdq.optimize import RELAXATION_ITERATIONS, RESCALING, chosen_techniques
 from qdq.optimize.depthwise import depthwise_sites, leave_uneven_depthwise
 from qdq.optimize.equalize import equalize
 from qdq.optimize.smoothquant import smooth
@@ -22,33 +23,48 @@ log = logging.getLogger(__name__)
 
 
 def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, config: QuantizeConfig, *,
-                       ranges_given: bool) -> tuple[onnx.ModelProto, list[str], dict[str, float]]:
+                       given: TensorRanges | None) -> tuple[onnx.ModelProto, list[str], dict[str, float],
+                                                            tuple[str, ...]]:
     """Equalization and SmoothQuant: they rescale activations, so they come before the ranges are measured.
 
-    Also returns the amax SmoothQuant fixes for the activations it smoothed (their maximum: see ``smooth``).
-    Skipped when ranges are given (a range file describes the tensors of the untransformed model).
+    Also returns the amax SmoothQuant fixes for the activations it smoothed (their maximum: see ``smooth``), and
+    the techniques that did rescale the model (what ranges measured on it must say: ``TensorRanges.rescaled``).
+    With ``given`` ranges, exactly the techniques they were measured after run (a range file from TensorRT, or
+    one measured without them, describes the untransformed model's tensors; one qdq saved after SmoothQuant
+    describes the smoothed model's, whatever the level asked now).
     """
-    chosen = techniques_of(config)
-    wanted = [t for t in ("equalize", "smoothquant") if t in chosen]
-    if not wanted:
-        return model, [], {}
-    if ranges_given:
-        return model, logged([f"{' and '.join(wanted)} skipped: ranges were given, and they describe the "
-                              "untransformed model's tensors"]), {}
-    if too_large := over_budget(model, wanted):
-        return model, logged([too_large]), {}
+    chosen = [t for t in RESCALING if t in techniques_of(config)]
+    wanted = chosen if given is None else [t for t in RESCALING if t in given.rescaled]
     notes: list[str] = []
+    if given is not None and (left := [t for t in chosen if t not in wanted]):
+        notes.append(f"{' and '.join(left)} skipped: ranges were given, and they describe the model without it")
+    if given is not None and wanted:
+        notes.append(f"{' and '.join(wanted)} redone: the given ranges were measured on the model after it")
+        if "smoothquant" in wanted and (missing := unusable("smoothquant", data)):
+            raise DataError(f"the given ranges were measured after SmoothQuant, which must be redone for them to "
+                            f"fit, and {missing.removeprefix('smoothquant skipped: ')}: give the calibration "
+                            "data they were measured on (--calib)")
+    if not wanted:
+        return model, logged(notes), {}, ()
+    if too_large := over_budget(model, wanted):
+        return model, logged([*notes, too_large]), {}, ()
     peaks: dict[str, float] = {}
+    rescaled: list[str] = []
     if "equalize" in wanted:
-        model, more = equalize(model, plan)
+        balanced, more = equalize(model, plan)
         notes.extend(more)
+        if balanced is not model:  # equalize returns its input when no pair can be balanced
+            rescaled.append("equalize")
+        model = balanced
     if "smoothquant" in wanted:
         if missing := unusable("smoothquant", data):
             notes.append(missing)
         else:
             model, more, peaks = smooth(model, plan, data, config)
             notes.extend(more)
-    return model, logged(notes), peaks
+            if peaks:  # one amax per smoothed activation
+                rescaled.append("smoothquant")
+    return model, logged(notes), peaks, tuple(rescaled)
 
 
 def refine_plan(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, config: QuantizeConfig
