@@ -87,6 +87,16 @@ def test_upgrade_opset_converts_and_says_so(rng):
     assert not UpgradeOpset.in_place
 
 
+def test_upgrade_opset_ignores_declared_custom_domains(rng):
+    """Every model ONNX Runtime saved declares com.microsoft; ONNX's IR table does not know it (ddddocr's OCR)."""
+    model = parse(OLD_OPSET)
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    result = UpgradeOpset()(model)
+    assert default_opset(result.model) == 13 and result.model.ir_version >= 7
+    assert {o.domain for o in result.model.opset_import} >= {"", "com.microsoft"}
+    outputs_close(model, result.model, {"x": rng.standard_normal((2, 3)).astype(np.float32)}, atol=1e-6)
+
+
 def test_fold_constants_makes_computed_weights_initializers(rng):
     model = parse(COMPUTED_WEIGHT)
     result = FoldConstants()(model)

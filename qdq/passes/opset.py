@@ -36,6 +36,7 @@ class UpgradeOpset(Pass):
                 f"version converter could not upgrade it: {first_line(exc)}; re-export the model at opset "
                 f"{self.minimum} or later"
             ) from exc
-        upgraded.ir_version = max(upgraded.ir_version, MIN_IR_FOR_OPSET_13,
-                                  onnx.helper.find_min_ir_version_for(list(upgraded.opset_import)))
+        # Custom domains (com.microsoft, which every model ONNX Runtime saved declares) are not in ONNX's IR table.
+        needed = onnx.helper.find_min_ir_version_for(list(upgraded.opset_import), ignore_unknown=True)
+        upgraded.ir_version = max(upgraded.ir_version, MIN_IR_FOR_OPSET_13, needed)
         return PassResult(upgraded, modified=True, notes=(f"opset raised from {current} to {self.minimum}",))
