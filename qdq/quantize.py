@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def quantize(
     source = load_model(model)
     scheme = config.quant_scheme()
     prepared, notes = prepare(source, scheme)
-    check_loads(prepared, model)
+    check_loads(prepared, source, model)
     note_constant_inputs(source, notes)
     specs = input_specs(prepared)
     calibration = None if calibration_data is None else open_data(calibration_data, specs, config.batch_size)
@@ -130,10 +131,7 @@ def quantize(
         notes.append(f"{len(control)} control-flow nodes ({', '.join(control[:3])}): their subgraphs are left float")
         log.warning("%s", notes[-1])
     if not plan:
-        inside = sum(inner.op_type in WEIGHTED_OPS for n in prepared.graph.node for inner in nested_nodes(n))
-        where = (f"its {inside} Conv/ConvTranspose/Gemm/MatMul nodes are all inside If/Loop/Scan subgraphs, which qdq "
-                 "leaves float" if inside else "the model has no Conv, ConvTranspose, Gemm or MatMul on float32 "
-                 "tensors")
+        where = why_nothing_to_quantize(prepared, plan)
         notes.append(f"nothing to quantize: {where}; the output is the prepared float model")
         log.warning("%s", notes[-1])
     if ranges is not None:
@@ -183,8 +181,9 @@ def calibrate(
 ) -> TensorRanges:
     """The ranges ``quantize`` would use for ``model`` on this data, without inserting Q/DQ (for range files)."""
     config = checked_config(config)
-    prepared, notes = prepare(load_model(model), config.quant_scheme())
-    check_loads(prepared, model)
+    source = load_model(model)
+    prepared, notes = prepare(source, config.quant_scheme())
+    check_loads(prepared, source, model)
     calibration = open_data(calibration_data, input_specs(prepared), config.batch_size)
     plan = plan_quantization(prepared, config.placement())
     return plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
@@ -224,8 +223,9 @@ def sensitivity(
 ) -> SensitivityReport:
     """Rank the layers ``quantize`` would quantize by the output SQNR they cost (one at a time, and all but one)."""
     config = checked_config(config)
-    prepared, notes = prepare(load_model(model), config.quant_scheme())
-    check_loads(prepared, model)
+    source = load_model(model)
+    prepared, notes = prepare(source, config.quant_scheme())
+    check_loads(prepared, source, model)
     specs = input_specs(prepared)
     calibration = open_data(calibration_data, specs, config.batch_size)
     evaluation = open_data(evaluation_data, specs, config.batch_size)
@@ -270,13 +270,36 @@ def checked_config(config: object) -> QuantizeConfig:
     return config
 
 
-def check_loads(prepared: onnx.ModelProto, model: object) -> None:
-    """ONNX Runtime must load the float model before any work: an opset or op it lacks is the input's problem.
+def why_nothing_to_quantize(model: onnx.ModelProto, plan: QuantPlan) -> str:
+    """Why a plan quantizes nothing: the layers the rules left float (by rule), and those inside control flow."""
+    kinds = "Conv/ConvTranspose/Gemm/MatMul nodes"
+    rules = Counter(d.rule for d in plan.decisions if d.op in WEIGHTED_OPS)
+    inside = sum(inner.op_type in WEIGHTED_OPS for n in model.graph.node for inner in nested_nodes(n))
+    why = []
+    if rules:
+        by_rule = ", ".join(f"{rule}: {count}" for rule, count in rules.most_common())
+        why.append(f"the placement rules leave its {rules.total()} {kinds} float ({by_rule}; `qdq explain` says "
+                   "why for each)")
+    if inside:
+        why.append(f"{inside} more are inside If/Loop/Scan subgraphs, which qdq leaves float" if rules else
+                   f"its {inside} {kinds} are all inside If/Loop/Scan subgraphs, which qdq leaves float")
+    return "; ".join(why) or "the model has no Conv, ConvTranspose, Gemm or MatMul"
 
-    Loaded without its large weights (they become inputs) and unoptimised: a check, not a session to keep.
+
+def check_loads(prepared: onnx.ModelProto, source: onnx.ModelProto, model: object) -> None:
+    """ONNX Runtime must load the float model before any work: an opset or op it lacks is the input's problem,
+    unless the input loads and only its prepared form does not, which is qdq's.
+
+    Loaded without their large weights (they become inputs) and unoptimised: a check, not a session to keep.
     """
     where = f"the input model {model}" if isinstance(model, str | os.PathLike) else "the input model"
-    make_session(structure_only(prepared), optimize=False, what=f"{where} (before quantization)")
+    try:
+        make_session(structure_only(prepared), optimize=False, what=f"{where} (before quantization)")
+    except ModelError as failed:
+        make_session(structure_only(source), optimize=False, what=where)
+        raise ModelError(f"qdq's preparation of {where} (opset upgrade, constant folding, BatchNorm folding) made a "
+                         f"model ONNX Runtime cannot load, though the input loads: {failed}. This is a bug in qdq: "
+                         "please report it with the model") from failed
     check_qdq_opset(next((o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")), 13), where)
 
 

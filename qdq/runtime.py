@@ -11,7 +11,6 @@ from onnx import numpy_helper
 
 from qdq.errors import ModelError
 from qdq.graph import SMALL_INITIALIZER_BYTES, fresh_name, structure_only, tensor_bytes
-from qdq.model_io import first_line
 
 # From this much weight on, large weights are fed to ONNX Runtime as inputs, zero-copy, instead of serialised
 # into the model (which protobuf cannot do past 2 GB) and copied again by ORT: memory stays near 2x the weights.
@@ -54,7 +53,8 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, what: str = "
     try:
         inner = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-        raise ModelError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from exc
+        # ORT's messages go on past a line break ("input 'w' of node:" then the node): all of it, on one line
+        raise ModelError(f"ONNX Runtime cannot load {what}: {' '.join(str(exc).split())[:600]}") from exc
     return Session(inner, weights)
 
 

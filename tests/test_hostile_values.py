@@ -4,6 +4,7 @@ files, and API arguments of the wrong type. None of these may end in "a qdq bug"
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 
@@ -130,6 +131,11 @@ def test_a_zero_size_conv_weight_is_a_model_error(tmp_path, capsys):
 # --- scalar (rank-0) inputs: the stacked layout (N,) ----------------------------------------------------------------
 
 # A scalar input s scales the activation a MatMul reads.
+GEMM_32 = HEADER + """
+g (float[N, 32] x) => (float[N, 32] y) <float[32, 32] w = {0.0}> {
+  y = MatMul (x, w)
+}"""
+
 SCALED = HEADER + """
 g (float s, float[N, 32] a) => (float[N, 32] y) <float[32, 32] w = {0.0}> {
   b = Mul (a, s)
@@ -178,6 +184,34 @@ def test_a_network_wholly_inside_if_branches_says_where_its_layers_are(rng):
     result = qdq.quantize(model, {"c": np.array(True), "x": rng.normal(size=(4, 32)).astype(np.float32)})
     assert any("nothing to quantize: its 2 Conv/ConvTranspose/Gemm/MatMul nodes are all inside If/Loop/Scan "
                "subgraphs" in n for n in result.report.notes), result.report.notes
+
+
+def test_nothing_to_quantize_names_the_rules_that_left_the_layers_float(rng):
+    model = parse('<ir_version: 8, opset_import: ["" : 13]> g (float[N, 8] x) => (float[N, 8] y) '
+                  "<float[8, 8] w = {0.0}> { y = MatMul (x, w) }", rng)
+    result = qdq.quantize(model, {"x": rng.normal(size=(4, 8)).astype(np.float32)})
+    assert any("nothing to quantize: the placement rules leave its 1 Conv/ConvTranspose/Gemm/MatMul nodes float "
+               "(tiny-gemm: 1;" in n for n in result.report.notes), result.report.notes
+
+
+def test_a_model_only_qdqs_preparation_breaks_is_said_to_be_qdqs_fault(rng, monkeypatch):
+    """The input loads; a preparation that breaks it (a bug) must not be blamed on the input model."""
+    pipeline = importlib.import_module("qdq.quantize")  # the module: qdq.quantize is also the function
+
+    model = parse(GEMM_32, rng)
+    prepare = pipeline.prepare
+
+    def broken(source, scheme):
+        prepared, notes = prepare(source, scheme)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(prepared)  # preparation returns its input when no pass changed it
+        copy.graph.node[0].input[0] = "nowhere"
+        return copy, notes
+
+    monkeypatch.setattr(pipeline, "prepare", broken)
+    with pytest.raises(ModelError, match=r"qdq's preparation of the input model .* though the input loads: "
+                                         r"ONNX Runtime cannot load .*nowhere.*This is a bug in qdq"):
+        qdq.quantize(model, {"x": rng.normal(size=(4, 32)).astype(np.float32)})
 
 
 def test_a_zero_dim_array_for_a_scalar_input_is_one_run(rng):

@@ -148,6 +148,38 @@ def test_fold_constants_keeps_if_branches_whose_inlining_breaks_the_graph(rng):
         outputs_close(model, result.model, {"x": x, "c": np.array(c)}, atol=0)
 
 
+def test_fold_constants_leaves_its_input_as_it_was_when_it_inlines_a_nested_branch(rng):
+    """A branch If with a constant condition, whose branches hold initializers (openwakeword's Silero VAD export):
+    graphsurgeon renames the inlined branch's initializers, which once were the input model's own TensorProtos."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def value(name: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 8])
+
+    def add(name: str, op: str, constant: float) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node(op, ["y", f"{name}_b"], [name])], name, [], [value(name)],
+                                 [numpy_helper.from_array(np.full(8, constant, np.float32), f"{name}_b")])
+
+    inner = helper.make_node("If", ["k"], ["z_in"], then_branch=add("zt", "Add", 0.5),
+                             else_branch=add("ze", "Sub", 0.25))
+    outer_else = helper.make_graph([helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(
+        np.array(True))), inner], "outer_else", [], [value("z_in")])
+    outer_then = helper.make_graph([helper.make_node("Relu", ["y"], ["z_relu"])], "outer_then", [], [value("z_relu")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("If", ["flag"], ["out"], then_branch=outer_then, else_branch=outer_else)],
+        "g", [value("x"), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])], [value("out")],
+        [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    before = model.SerializeToString()
+    result = FoldConstants()(model)
+    assert model.SerializeToString() == before, "the input model is untouched"
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    for flag in (True, False):
+        outputs_close(model, result.model, {"x": x, "flag": np.array(flag)}, atol=1e-6)
+
+
 def test_undefined_inputs_sees_outer_scopes_and_order():
     from qdq.graph import undefined_inputs
 

@@ -44,8 +44,12 @@ class FoldConstants(Pass):
 
 
 def fold(model: onnx.ModelProto, *, inline_branches: bool) -> tuple[int, int, onnx.ModelProto]:
-    """Nodes before and after folding, and the folded model."""
-    graph = import_graph(model)
+    """Nodes before and after folding, and the folded model (``model`` itself is left as it was)."""
+    # graphsurgeon renames the tensors of the If branches it inlines, and a branch initializer it renames is the
+    # input's own TensorProto: a nested If's branch (openwakeword's Silero VAD) lost its weights' names in the input.
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = import_graph(copy)
     before = len(graph.nodes)
     graph.fold_constants(error_ok=True, flatten_subgraphs=inline_branches).cleanup(
         remove_unused_graph_inputs=False).toposort()
