@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import ROOT, initializer, nodes_by_op, parse, producers
+from conftest import ROOT, initializer, nodes_by_op, parse, producers, run_ort
 
 import qdq
 from qdq.cli import main
@@ -316,3 +316,120 @@ def test_omitted_optional_inputs_are_not_tensors(rng):
     assert conv.quantized and "clipped" in [q.tensor for q in conv.inputs], conv
     result = qdq.quantize(model, calibration_data=[{"x": rng.normal(size=(1, 16, 8, 8)).astype(np.float32)}])
     assert len(nodes_by_op(result.model, "QuantizeLinear")) == 1
+
+
+def log_mel_model(rng) -> onnx.ModelProto:
+    """audio -> STFT as two Convs (DFT weights) -> re² + im² -> mel filterbank MatMul -> Log -> a dense layer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n_fft, bins, mels = 64, 33, 16
+    k, f = np.arange(n_fft), np.arange(bins)[:, None]
+    window = np.hanning(n_fft)
+    re = (np.cos(2 * np.pi * f * k / n_fft) * window)[:, None, :].astype(np.float32)
+    im = (-np.sin(2 * np.pi * f * k / n_fft) * window)[:, None, :].astype(np.float32)
+    centres = np.linspace(0, bins - 1, mels + 2)
+    filterbank = np.clip(1 - np.abs(np.arange(bins)[:, None] - centres[1:-1]) / (centres[1] - centres[0]), 0, None)
+    weights = {"wre": re, "wim": im, "fb": filterbank.astype(np.float32), "eps": np.array(1e-10, np.float32),
+               "dense": rng.normal(size=(mels, 16)).astype(np.float32) / 4}
+    nodes = [helper.make_node("Conv", ["audio", "wre"], ["sre"], strides=[32]),
+             helper.make_node("Conv", ["audio", "wim"], ["sim"], strides=[32]),
+             helper.make_node("Mul", ["sre", "sre"], ["p1"]), helper.make_node("Mul", ["sim", "sim"], ["p2"]),
+             helper.make_node("Add", ["p1", "p2"], ["power"]),
+             helper.make_node("Transpose", ["power"], ["frames"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["frames", "fb"], ["mel"]), helper.make_node("Clip", ["mel", "eps"], ["m"]),
+             helper.make_node("Log", ["m"], ["logmel"]), helper.make_node("MatMul", ["logmel", "dense"], ["y"])]
+    graph = helper.make_graph(nodes, "logmel", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["N", 1, 2048])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 63, 16])],
+                              [numpy_helper.from_array(v, n) for n, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def speech_like(rng, n: int) -> np.ndarray:
+    """Voiced bursts (harmonics), noise bursts and near-silence: loud and quiet stretches in every clip."""
+    clips = np.zeros((n, 1, 2048), np.float32)
+    t = np.arange(2048) / 16000
+    for clip in clips:
+        for start in range(0, 2048, 512):
+            part = slice(start, start + 512)
+            kind = rng.integers(3)
+            if kind == 0:
+                f0 = rng.uniform(100, 250)
+                clip[0, part] = sum(np.sin(2 * np.pi * j * f0 * t[part]) / j for j in range(1, 8)) * rng.uniform(.1, .5)
+            elif kind == 1:
+                clip[0, part] = rng.normal(0, rng.uniform(0.01, 0.1), 512)
+        clip += rng.normal(0, 1e-3, clip.shape).astype(np.float32)
+    return clips
+
+
+def test_a_spectral_front_end_stays_float_and_keeps_the_output(rng, monkeypatch):
+    """The STFT Convs (squared and summed) and the filterbank (reads the power spectrum, feeds a Log) stay float:
+    quantized, the quiet bins go to zero and the Log turns that into errors larger than the signal."""
+    model = log_mel_model(rng)
+    plan = plan_of(model)
+    for node, why in (("Conv_sre", "makes part of the power spectrum power"), ("MatMul_mel", "reads a power spectrum")):
+        d = decision(plan, node)
+        assert not d.quantized and d.rule == "spectrum" and why in d.reason, d
+    assert decision(plan, "MatMul_y").quantized
+    calib, held_out = {"audio": speech_like(rng, 40)}, speech_like(rng, 24)
+    reference = run_ort(model, {"audio": held_out})[0]
+
+    def sqnr(quantized: onnx.ModelProto) -> float:
+        error = run_ort(quantized, {"audio": held_out})[0] - reference
+        return float(10 * np.log10(np.sum(reference ** 2) / np.sum(error ** 2)))
+
+    kept = sqnr(qdq.quantize(model, calib).model)
+    monkeypatch.setattr("qdq.placement.rules.spectral", lambda node: None)
+    everything = qdq.quantize(model, calib)
+    assert len(everything.plan.quantized_nodes()) == 4
+    assert kept > 25 and kept > sqnr(everything.model) + 15, (kept, sqnr(everything.model))
+
+
+# Silero VAD's STFT: one Conv, its halves sliced and cast, squared, summed, square-rooted, then the encoder.
+MAGNITUDE = HEADER + """
+g (float[N, 1, 256] x) => (float[N, 16, 5] y) <float[32, 1, 64] stft = {0.0}, float[16, 16, 3] w1 = {0.0},
+    float[16, 16, 3] w2 = {0.0}, int64[1] zero = {0}, int64[1] half = {16}, int64[1] end = {32}, int64[1] axis = {1},
+    float two = {2.0}> {
+  s = Conv <strides = [32]> (x, stft)
+  re = Slice (s, zero, half, axis)
+  im = Slice (s, half, end, axis)
+  rc = Cast <to = 1> (re)
+  ic = Cast <to = 1> (im)
+  r2 = Pow (rc, two)
+  i2 = Pow (ic, two)
+  p = Add (r2, i2)
+  m = Sqrt (p)
+  c1 = Conv (m, w1)
+  h = Relu (c1)
+  y = Conv <pads = [1, 1]> (h, w2)
+}"""
+
+# Squares that are no spectrum: tanh-GELU's x·x, and a square alone.
+NOT_A_SPECTRUM = HEADER + """
+g (float[N, 8, 32] x) => (float[N, 8, 32] y, float[N, 8, 32] z) <float[32, 32] w1 = {0.0}, float[32, 32] w2 = {0.0},
+    float[32, 32] w3 = {0.0}, float k = {0.044715}, float one = {1.0}> {
+  a = MatMul (x, w1)
+  a2 = Mul (a, a)
+  a3 = Mul (a2, k)
+  b = Add (a3, one)
+  c = Mul (a, b)
+  t = Tanh (c)
+  g = Mul (a, t)
+  y = MatMul (g, w2)
+  z = MatMul (a2, w3)
+}"""
+
+
+def test_a_magnitude_spectrum_through_slices_and_casts_is_found(rng):
+    plan = plan_of(parse(MAGNITUDE, rng))
+    assert decision(plan, "Conv_s").rule == "spectrum" and "makes part of the power spectrum p" in \
+        decision(plan, "Conv_s").reason
+    assert decision(plan, "Conv_c1").rule == "spectrum" and "reads a magnitude spectrum (m)" in \
+        decision(plan, "Conv_c1").reason
+    assert decision(plan, "Conv_y").quantized, "after the ReLU the encoder is an ordinary CNN"
+
+
+def test_squares_that_are_no_spectrum_leave_layers_quantized(rng):
+    plan = plan_of(parse(NOT_A_SPECTRUM, rng))
+    assert all(decision(plan, node).quantized for node in ("MatMul_a", "MatMul_y", "MatMul_z")), plan.decisions

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from qdq.graph import producer
-from qdq.ops import COPY_OPS, ELEMENTWISE_OPS, FLOAT_REGION_OPS
+from qdq.ops import COPY_OPS, ELEMENTWISE_OPS, FLOAT_REGION_OPS, WEIGHTED_OPS
 
 
-def source_through_copies(tensor: gs.Tensor) -> gs.Tensor:
+def source_through_copies(tensor: gs.Tensor, copies: frozenset[str] = COPY_OPS) -> gs.Tensor:
     """Walk back from ``tensor`` through copy ops to the tensor they copy."""
     seen = 0
-    while (node := producer(tensor)) is not None and node.op in COPY_OPS and node.inputs and seen < 64:
+    while (node := producer(tensor)) is not None and node.op in copies and node.inputs and seen < 64:
         tensor, seen = node.inputs[0], seen + 1
     return tensor
 
 
-def consumers_through_copies(tensor: gs.Tensor) -> Iterator[tuple[gs.Node, int, gs.Tensor]]:
+def consumers_through_copies(tensor: gs.Tensor, copies: frozenset[str] = COPY_OPS
+                             ) -> Iterator[tuple[gs.Node, int, gs.Tensor]]:
     """(consumer, input index, tensor read) for every non-copy op reached from ``tensor`` through copy ops."""
     stack, seen = [tensor], set()
     while stack:
@@ -27,7 +29,7 @@ def consumers_through_copies(tensor: gs.Tensor) -> Iterator[tuple[gs.Node, int, 
             continue
         seen.add(current.name)
         for node in current.outputs:
-            if node.op in COPY_OPS and node.inputs and node.inputs[0] is current:
+            if node.op in copies and node.inputs and node.inputs[0] is current:
                 stack.extend(node.outputs)
             else:
                 for index, t in enumerate(node.inputs):
@@ -93,3 +95,67 @@ def neighbours(node: gs.Node) -> Iterator[gs.Node]:
             yield p
     for tensor in node.outputs:
         yield from tensor.outputs
+
+
+# Exporters put float-to-float Casts between an STFT's slices and their squares (Silero VAD).
+SPECTRUM_COPY_OPS = COPY_OPS | {"Cast"}
+
+
+def is_square(node: gs.Node) -> bool:
+    """``x * x`` or ``x ** 2``."""
+    if node.op == "Mul" and len(node.inputs) == 2:
+        return node.inputs[0] is node.inputs[1]
+    return node.op == "Pow" and len(node.inputs) == 2 and exponent(node.inputs[1]) == 2.0
+
+
+def exponent(tensor: gs.Tensor) -> float | None:
+    values = getattr(tensor, "values", None)
+    return None if values is None or np.size(values) != 1 else float(np.asarray(values).reshape(()))
+
+
+def spectrum(tensor: gs.Tensor) -> str | None:
+    """"power" or "magnitude" when ``tensor`` is a sum of squares (``re² + im²``) or its square root, through
+    copy ops: a spectrum, whose values span many decades. A sum of two or more squares, not one square alone
+    (``x * x`` also appears inside tanh-GELU)."""
+    node = producer(source_through_copies(tensor, SPECTRUM_COPY_OPS))
+    if node is None:
+        return None
+    if node.op in ("Sqrt", "Pow") and node.inputs and (node.op == "Sqrt" or exponent(node.inputs[1]) == 0.5):
+        return "magnitude" if spectrum(node.inputs[0]) == "power" else None
+    squares = [producer(source_through_copies(t, SPECTRUM_COPY_OPS)) for t in node.inputs]
+    if node.op in ("Add", "Sum") and len(squares) >= 2 and all(p is not None and is_square(p) for p in squares):
+        return "power"
+    return None
+
+
+# What a logarithm's input may pass through from a layer's output and still carry its errors unfiltered.
+TOWARDS_LOG_OPS = SPECTRUM_COPY_OPS | WEIGHTED_OPS | frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Abs", "Clip", "Max", "Min", "Sum", "Concat"})
+
+
+def logarithm_after(tensor: gs.Tensor, limit: int = 32) -> gs.Node | None:
+    """The Log that ``tensor`` reaches through arithmetic, copies and linear layers (a spectral front end's
+    filterbanks), or None. Any other op (an activation, a normalisation, a Softmax) ends the search."""
+    stack, seen = [tensor], set()
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        for node in current.outputs:
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op == "Log":
+                return node
+            if node.op in TOWARDS_LOG_OPS:
+                stack.extend(node.outputs)
+    return None
+
+
+def squared_into_spectrum(tensor: gs.Tensor) -> gs.Tensor | None:
+    """The spectrum ``tensor`` is squared into (a transform's real or imaginary part: ``re² + im²``), or None."""
+    for square, _, _ in consumers_through_copies(tensor, SPECTRUM_COPY_OPS):
+        if not is_square(square):
+            continue
+        for total, _, _ in consumers_through_copies(square.outputs[0], SPECTRUM_COPY_OPS):
+            if total.op in ("Add", "Sum") and spectrum(total.outputs[0]) == "power":
+                return total.outputs[0]
+    return None
