@@ -240,6 +240,34 @@ def test_equalization_leaves_the_float_model_unchanged_and_balances_ranges(rng):
     assert {i.name for i in equalized.graph.initializer} >= {"w1", "w2", "w3"}, "the plan refers to weights by name"
 
 
+# Two Conv -> Relu -> Conv chains whose first Convs read one bias (tf2onnx merges equal constants: BlazeFace).
+SHARED_BIAS = HEADER + """
+shared (float[N, 8, 6, 6] x) => (float[N, 16, 6, 6] y, float[N, 16, 6, 6] z) <float[16, 8, 1, 1] wa = {0.0},
+    float[16, 8, 1, 1] wb = {0.0}, float[16] b = {0.0}, float[16, 16, 1, 1] wc = {0.0}, float[16, 16, 1, 1] wd = {0.0}> {
+  a = Conv (x, wa, b)
+  ra = Relu (a)
+  y = Conv (ra, wc)
+  c = Conv (x, wb, b)
+  rc = Relu (c)
+  z = Conv (rc, wd)
+}"""
+
+
+def test_equalization_gives_a_shared_bias_a_copy_per_conv(rng):
+    model = parse(SHARED_BIAS, rng)
+    wa = initializer(model, "wa").copy()
+    wa[3] *= 40.0  # one loud channel: something to balance
+    model = with_weight(model, "wa", wa)
+    prepared, plan = prepared_plan(model)
+    out, notes = equalize(prepared, plan)
+    assert "equalized 2 Conv pairs" in " ".join(notes) and "skipped" not in " ".join(notes), notes
+    firsts = [n for n in out.graph.node if n.name in ("Conv_a", "Conv_c")]
+    assert firsts[0].input[2] != firsts[1].input[2], "each first Conv has its own rescaled bias"
+    x = rng.normal(size=(4, 8, 6, 6)).astype(np.float32)
+    for want, got in zip(run_ort(prepared, {"x": x}), run_ort(out, {"x": x}), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_smoothquant_leaves_the_float_model_unchanged_and_flattens_the_activation(rng):
     model = parse(NORM, rng)
     for init in model.graph.initializer:  # outlier channels, as LayerNorm scales in trained transformers have

@@ -66,8 +66,7 @@ def equalization_pairs(model: onnx.ModelProto, plan: QuantPlan) -> tuple[list[Pa
             why = "the tensor between them is a graph output"
         elif len(readers.get(convs[name].weight, [])) > 1 or len(readers.get(convs[second.name].weight, [])) > 1:
             why = "a weight is shared with other nodes"
-        elif len(first.input) > 2 and len(readers.get(first.input[2], [])) > 1:
-            why = "the first Conv's bias is shared with other nodes"
+        # A shared bias is no reason: the first Conv gets a rescaled copy of its own (tf2onnx merges equal biases).
         if why:
             skipped.append(f"{name} -> {second.name}: {why}")
         else:
