@@ -379,11 +379,16 @@ def test_a_spectral_front_end_stays_float_and_keeps_the_output(rng, monkeypatch)
         error = run_ort(quantized, {"audio": held_out})[0] - reference
         return float(10 * np.log10(np.sum(reference ** 2) / np.sum(error ** 2)))
 
-    kept = sqnr(qdq.quantize(model, calib).model)
+    default = qdq.quantize(model, calib, evaluation_data={"audio": held_out})
+    kept = sqnr(default.model)
     monkeypatch.setattr("qdq.placement.rules.spectral", lambda node: None)
-    everything = qdq.quantize(model, calib)
+    everything = qdq.quantize(model, calib, evaluation_data={"audio": held_out})
     assert len(everything.plan.quantized_nodes()) == 4
     assert kept > 25 and kept > sqnr(everything.model) + 15, (kept, sqnr(everything.model))
+    # A result that far from float is said, with the way to find the layers that cost it.
+    low = [n for n in everything.report.notes if "below 10 dB" in n]
+    assert low and "'y' reads" in low[0] and "qdq sensitivity" in low[0], everything.report.notes
+    assert not any("below 10 dB" in n for n in default.report.notes)
 
 
 # Silero VAD's STFT: one Conv, its halves sliced and cast, squared, summed, square-rooted, then the encoder.

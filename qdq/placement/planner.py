@@ -37,8 +37,8 @@ def plan_quantization(model: onnx.ModelProto, options: PlacementOptions | None =
     Raises PlacementError for a model that is already quantized: qdq does not quantize twice.
     """
     options = options or PlacementOptions()
+    refuse_quantized(model)
     graph = import_graph(model)
-    refuse_quantized(graph)
     known = learn_float32(model, graph)
     ctx = PlanContext(is_float32=lambda t: is_constant_float32(t) if is_constant(t) else known(t),
                       index=GraphIndex(model),
@@ -82,10 +82,12 @@ def exclusion(node: gs.Node, patterns: list[tuple[str, re.Pattern]], op_types: t
     return None
 
 
-def refuse_quantized(graph: gs.Graph) -> None:
-    found = [n for n in graph.nodes if n.op in ALREADY_QUANTIZED_OPS]
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """PlacementError when the model already holds Q/DQ or quantized compute ops (checked before preparing it
+    too: an ONNX Runtime-quantized model's custom ops are no business of the opset upgrade)."""
+    found = [n for n in model.graph.node if n.op_type in ALREADY_QUANTIZED_OPS]
     if found:
-        ops = sorted({n.op for n in found})
+        ops = sorted({n.op_type for n in found})
         raise PlacementError(
             f"the model is already quantized ({len(found)} {'/'.join(ops)} nodes, e.g. {found[0].name!r}); "
             "qdq quantizes float models only: give it the float model"

@@ -144,7 +144,8 @@ def tiny_gemm(node: gs.Node) -> str | None:
     if node.op == "Gemm" or (a is not None and len(a) == 2):
         m = None
     if m == 1 or n == 1:
-        return f"GEMV-shaped (M={m}, N={n}): no tensor-core gain from INT8"
+        shape = ", ".join(f"{d}={v}" for d, v in (("M", m), ("N", n)) if v is not None)
+        return f"GEMV-shaped ({shape}): no tensor-core gain from INT8"
     if (k is not None and k < MIN_GEMM_DIM) or (n is not None and n < MIN_GEMM_DIM):
         return f"K={k}, N={n}: below {MIN_GEMM_DIM}, INT8 gains nothing"
     return None
