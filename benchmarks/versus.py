@@ -93,6 +93,8 @@ MODELS = {
     "silero_vad_b": Model(REAL / "silero_vad_b" / "silero_vad_b.onnx", "vad", stacked=True),
     "ppocr6_det": Model(REAL / "ppocr6_det" / "ppocr6_det.onnx", "det_map"),
     "ppocr6_rec": Model(REAL / "ppocr6_rec" / "ppocr6_rec.onnx", "rec"),
+    "ppocr5_det": Model(REAL / "ppocr5_det" / "ppocr5_det.onnx", "det_map"),
+    "ppocr5_rec": Model(REAL / "ppocr5_rec" / "ppocr5_rec.onnx", "rec"),
     "minilm": Model(ROOT / "benchmarks" / ".data" / "minilm" / "minilm.onnx", "embedding",
                     main="sentence_embedding"),
     "digits": Model(ROOT / "models" / "digits" / "digits.onnx", "classifier"),
