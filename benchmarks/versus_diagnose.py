@@ -168,10 +168,10 @@ def main() -> None:
     data = load(model.eval)
     data = {k: v[:args.eval_n] for k, v in data.items()}
     feeds = batches(data, batch_of(proto))
-    reference = run(proto, feeds, model.outputs)
+    reference = run(proto, feeds, model)
 
     def score(label: str, quantized: onnx.ModelProto) -> None:
-        m = metrics(model.task, reference, run(quantized, feeds, model.outputs))
+        m = metrics(model.task, reference, run(quantized, feeds, model))
         print(f"| {args.model} | {label} | {m['sqnr']:.2f} | {m['task']:.4f} |", flush=True)
 
     print("| model | variant | SQNR dB | task metric |\n|---|---|---:|---:|")
