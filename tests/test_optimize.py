@@ -269,6 +269,50 @@ def test_equalization_gives_a_shared_bias_a_copy_per_conv(rng):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+# A pointwise Conv whose one output channel is 40x the others, into another pointwise Conv that scales it back
+# (BlazeFace's shape): one per-tensor scale for the tensor between them rounds the quiet channels; equalization
+# evens them out.
+LOUD_CHANNEL = HEADER + """
+loud (float[N, 16, 6, 6] x) => (float[N, 16, 6, 6] y) <float[16, 16, 1, 1] wa = {0.0}, float[16, 16, 1, 1] wb = {0.0}> {
+  a = Conv (x, wa)
+  y = Conv (a, wb)
+}"""
+
+
+def test_equalization_is_kept_only_where_it_brings_the_outputs_closer(rng, monkeypatch):
+    model = parse(LOUD_CHANNEL, rng)
+    wa, wb = initializer(model, "wa").copy(), initializer(model, "wb").copy()
+    wa[3] *= 40.0
+    wb[:, 3] /= 40.0  # the next layer compensates: every channel of the tensor between them matters alike
+    model = with_weight(with_weight(model, "wa", wa), "wb", wb)
+    calib, held_out = rng.normal(size=(48, 16, 6, 6)).astype(np.float32), rng.normal(size=(24, 16, 6, 6))
+    reference = run_ort(model, {"x": held_out.astype(np.float32)})[0]
+
+    def sqnr(result) -> float:
+        error = run_ort(result.model, {"x": held_out.astype(np.float32)})[0] - reference
+        return float(10 * np.log10(np.sum(reference ** 2) / np.sum(error ** 2)))
+
+    plain = qdq.quantize(model, {"x": calib}, config=QuantizeConfig(techniques=()))
+    kept = qdq.quantize(model, {"x": calib}, config=QuantizeConfig(techniques=("equalize",)))
+    assert any(n.startswith("equalized 1 Conv pairs") and "SQNR on the first 32 samples" in n
+               for n in kept.report.notes), kept.report.notes
+    assert kept.ranges.rescaled == ("equalize",)
+    assert sqnr(kept) > sqnr(plain) + 6, (sqnr(kept), sqnr(plain))
+
+    def damaging(model, plan):  # "balances" by breaking the second Conv's weights
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        for init in out.graph.initializer:
+            if init.name == "wb":
+                init.CopyFrom(onnx.numpy_helper.from_array(-initializer(model, "wb"), "wb"))
+        return out, ["equalized 1 Conv pairs: Conv_a -> Conv_y (identity)"]
+
+    monkeypatch.setattr("qdq.optimize.pipeline.equalize", damaging)
+    left = qdq.quantize(model, {"x": calib}, config=QuantizeConfig(techniques=("equalize",)))
+    assert any(n.startswith("equalization measured and left out") for n in left.report.notes), left.report.notes
+    assert left.ranges.rescaled == () and sqnr(left) == pytest.approx(sqnr(plain), abs=1e-6)
+
+
 def test_smoothquant_leaves_the_float_model_unchanged_and_flattens_the_activation(rng):
     model = parse(NORM, rng)
     for init in model.graph.initializer:  # outlier channels, as LayerNorm scales in trained transformers have
@@ -439,9 +483,6 @@ def test_explain_lists_each_technique_and_what_it_skips(rng, tmp_path, capsys):
     path = tmp_path / "chain.onnx"
     onnx.save(parse(CHAIN, rng), str(path))
     assert main(["explain", str(path), "--optimize", "2"]) == 0
-    assert "techniques at --optimize 2: smoothquant, adaround, bias-correction" in capsys.readouterr().out
-    # Equalization evens weight ranges, which per-channel scales already do: level 2 runs it for per-tensor weights.
-    assert main(["explain", str(path), "--optimize", "2", "--per-tensor-weights"]) == 0
     out = capsys.readouterr().out
     assert "techniques at --optimize 2: equalize, smoothquant, adaround, bias-correction" in out
     assert "equalize: Conv_a -> Conv_d (Relu)" in out and "equalize skips" in out and "ReLU6" in out
