@@ -62,9 +62,9 @@ class QuantizeConfig:
         optimize: how hard to work for accuracy beyond calibrated ranges (``qdq.optimize``): 0 is nearest
             rounding and nothing else; 1 (default) adds SmoothQuant (every MatMul/Gemm input with outlier
             channels), bias correction, and leaves float the depthwise Convs whose input channels are very
-            uneven (uneven-depthwise); 2 adds learned rounding (greedy up/down flips per weight, kept only if
-            the model's outputs get closer to float's), and cross-layer equalization where ``per_channel`` is
-            off; it costs more time (README, "Accuracy techniques").
+            uneven (uneven-depthwise); 2 adds learned rounding (greedy up/down flips per weight) and cross-layer
+            equalization, each kept only if the model's outputs on the calibration data get closer to float's;
+            it costs more time (README, "Accuracy techniques").
         techniques: exactly these techniques (names in ``qdq.optimize.TECHNIQUES``), overriding the level's
             set; ``()`` for none.
         max_top1_drop: likewise, until the first output's top-1 agreement with the float model is at least
