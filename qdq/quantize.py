@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from qdq import __version__
+from qdq.branches import defined_names, quantize_branches
 from qdq.calibrate.collect import collect_ranges
 from qdq.calibrate.data import DataLike, Dataset, input_specs, open_data
 from qdq.check import check_model
@@ -132,12 +133,8 @@ def quantize(
     evaluation = None if evaluation_data is None else open_data(evaluation_data, specs, config.batch_size)
 
     plan = plan_quantization(prepared, config.placement())
-    if control := [n.name for n in prepared.graph.node if n.op_type in CONTROL_FLOW_OPS]:
-        notes.append(f"{len(control)} control-flow nodes ({', '.join(control[:3])}): their subgraphs are left float")
-        log.warning("%s", notes[-1])
-    if not plan:
-        where = why_nothing_to_quantize(prepared, plan)
-        notes.append(f"nothing to quantize: {where}; the output is the prepared float model")
+    if loops := [n.name for n in prepared.graph.node if n.op_type in CONTROL_FLOW_OPS - {"If"}]:
+        notes.append(f"{len(loops)} Loop/Scan nodes ({', '.join(loops[:3])}): their bodies are left float")
         log.warning("%s", notes[-1])
     if ranges is not None:
         warn_unknown_names(ranges, source)
@@ -164,11 +161,21 @@ def quantize(
 
     note_bounds(used, scheme, notes)
     quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme)(working).model
+    branches, branch_notes = quantize_branches(prepared, quantized, calibration, config, ranges, quantize)
+    notes.extend(branch_notes)
+    for _, branch in branches:
+        used = used.merged(branch.ranges)
+    inside = [branch.report for _, branch in branches]
+    if not plan and not any(r.quantized_nodes for r in inside):
+        notes.append(f"nothing to quantize: {why_nothing_to_quantize(prepared, plan)}; the output is the prepared "
+                     "float model")
+        log.warning("%s", notes[-1])
     if config.high_precision == "fp16":
         quantized, fp16_notes = run_passes(quantized, [UpgradeOpset(FP16_MIN_OPSET), CastToFP16()])
         notes.extend(fp16_notes)
-    report = Report(len(plan.quantized_nodes()), len(plan.decisions), len(used), len(plan.weights()),
-                    tuple(notes), scheme=config.scheme)
+    report = Report(len(plan.quantized_nodes()) + sum(r.quantized_nodes for r in inside),
+                    len(plan.decisions) + sum(r.total_nodes for r in inside), len(used),
+                    len(plan.weights()) + sum(r.weights for r in inside), tuple(notes), scheme=config.scheme)
     stamp_metadata(quantized, config, report, used, plan)
     check_quantized(quantized)
     comparison = None if evaluation is None else compare_models(
@@ -358,8 +365,9 @@ def note_bounds(ranges: TensorRanges, scheme: Scheme, notes: list[str]) -> None:
 
 
 def warn_unknown_names(ranges: TensorRanges, model: onnx.ModelProto) -> None:
-    """List the names of a range file that the user's model (before preparation) does not have."""
-    present = {t for n in model.graph.node for t in n.output} | {i.name for i in model.graph.input}
+    """List the names of a range file that the user's model (before preparation) does not have (If branches'
+    tensors count: their ranges are used)."""
+    present = defined_names(model.graph)
     if unknown := [name for name in ranges if name not in present]:
         log.warning("%d names in the range file are not tensors of this model and are ignored: %s",
                     len(unknown), ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))

@@ -168,7 +168,7 @@ def test_a_scalar_bool_condition_of_an_if_calibrates(rng):
     assert qdq.quantize(model, data).ranges.amax["x"] > 0
 
 
-def test_a_network_wholly_inside_if_branches_says_where_its_layers_are(rng):
+def test_a_network_wholly_inside_if_branches_is_quantized_where_the_data_goes(rng):
     """Silero VAD's default export: every layer sits in the branches of an If on the sample rate."""
     w = numpy_helper.from_array(rng.normal(size=(32, 32)).astype(np.float32), "w")
     branches = [helper.make_graph([helper.make_node("MatMul", ["x", "w"], [name])], name, [],
@@ -181,9 +181,14 @@ def test_a_network_wholly_inside_if_branches_says_where_its_layers_are(rng):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    result = qdq.quantize(model, {"c": np.array(True), "x": rng.normal(size=(4, 32)).astype(np.float32)})
+    feed = {"c": np.array(True), "x": rng.normal(size=(4, 32)).astype(np.float32)}
+    result = qdq.quantize(model, feed)
+    then_branch = next(a.g for a in result.model.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_branch.node].count("QuantizeLinear") == 1, result.report.notes
+    assert result.report.quantized_nodes == 1
+    once = qdq.quantize(model, iter([feed]))  # the branches would read a one-shot iterator again: float, and said
     assert any("nothing to quantize: its 2 Conv/ConvTranspose/Gemm/MatMul nodes are all inside If/Loop/Scan "
-               "subgraphs" in n for n in result.report.notes), result.report.notes
+               "subgraphs" in n for n in once.report.notes), once.report.notes
 
 
 def test_nothing_to_quantize_names_the_rules_that_left_the_layers_float(rng):

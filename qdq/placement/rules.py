@@ -200,6 +200,17 @@ def fused_attention(node: gs.Node, ctx: PlanContext) -> Decision | None:
                    "attention layer), no MatMul to quantize")
 
 
+def control_flow(node: gs.Node, ctx: PlanContext) -> Decision | None:
+    """If, Loop, Scan: nothing of theirs is quantized here; what happens to their subgraphs, said for explain."""
+    if node.op == "If":
+        return decline(node, "control-flow", "each branch the calibration runs take is quantized as a model of its "
+                       "own (qdq.branches); a branch none takes stays float")
+    if node.op in ("Loop", "Scan"):
+        return decline(node, "control-flow", f"{node.op} body: stays float (a run does not split into its "
+                       "iterations)")
+    return None
+
+
 def keep_float(node: gs.Node, ctx: PlanContext) -> Decision:
     """The fallback: ops that are not quantized by default run in float."""
     if region := in_float_region(node):
@@ -215,4 +226,4 @@ def weight_axis(node: gs.Node, slot: int, rank: int) -> int | None:
                                group=int(node.attrs.get("group", 1)))
 
 
-RULES: tuple[Rule, ...] = (quantize_weighted_op, quantize_included_op, fused_attention)
+RULES: tuple[Rule, ...] = (quantize_weighted_op, quantize_included_op, fused_attention, control_flow)
