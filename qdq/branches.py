@@ -113,11 +113,12 @@ def quantize_branches(prepared: onnx.ModelProto, quantized: onnx.ModelProto, dat
             outputs = [o.name for o in graph_of(prepared, branch).output]
             model = branch_model(prepared, branch, probe.types([*branch.reads, *outputs]))
             known = [] if given is None else [n for n in given if n in defined_names(model.graph)]
-            # FP32 inside: the FP16 pass rewrites a model's inputs, which here are the If's outer names.
+            # FP32 inside: the FP16 pass rewrites a model's inputs, which here are the If's outer names. One
+            # process: the branch's runs come from a session in this one, which shards cannot take along.
             with silenced(log.parent):  # its notes come back below, saying which branch they are about
                 result = quantize(model, BranchRuns(probe, data, branch, counts[branch]),
                                   config=dataclasses.replace(config, target_sqnr=None, max_top1_drop=None,
-                                                             high_precision="fp32"),
+                                                             high_precision="fp32", workers=1, ray_address=None),
                                   ranges=given.subset(known) if known else None)
         except QdqError as exc:  # a branch left float is always a valid model; the rest goes on
             notes.append(f"{branch.where} left float: {first_line(exc)}")

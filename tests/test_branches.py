@@ -203,3 +203,11 @@ def test_a_branch_that_reads_a_sequence_from_outside_stays_float_and_the_rest_is
     assert qdq_ops(branch_graph(result.model)) == 0
     assert any("left float" in n and "seq" in n for n in result.report.notes), result.report.notes
     assert qdq_ops(result.model.graph) == 1, "c0 outside is quantized all the same"
+
+
+def test_with_workers_the_branches_are_calibrated_in_this_process_and_come_out_the_same(rng):
+    model = if_model(rng)
+    data = runs(rng, [True] * 40)
+    one, two = (qdq.quantize(model, data, config=QuantizeConfig(workers=w)) for w in (1, 2))
+    assert qdq_ops(branch_graph(two.model)) == 2, two.report.notes
+    assert dict(one.ranges.amax) == dict(two.ranges.amax)
