@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from qdq.graph import GraphIndex, default_opset
+from qdq.graph import GraphIndex, default_opset, undefined_inputs
 from qdq.ops import QDQ_OPS, QUANTIZED_COMPUTE_OPS, WEIGHTED_OPS, output_channel_axis
 from qdq.scheme import SCHEMES, Scheme
 
@@ -36,9 +36,9 @@ class Finding:
 
 
 def check_model(model: onnx.ModelProto) -> list[Finding]:
-    """All findings for ``model``, errors first."""
+    """All findings for ``model`` and the subgraphs in it (If branches, Loop and Scan bodies), errors first."""
     graph = GraphIndex(model)
-    findings = [*check_opset(model, graph), *check_ops(model)]
+    findings = [*check_opset(model, graph), *check_ops(model), *check_subgraphs(model)]
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             findings.extend(check_scale_and_zero_point(node, graph))
@@ -50,6 +50,22 @@ def check_model(model: onnx.ModelProto) -> list[Finding]:
         if node.op_type in WEIGHTED_OPS:
             findings.extend(check_partly_quantized(node, graph))
     return sorted(findings, key=lambda f: (f.severity != "error", f.rule, f.node))
+
+
+def check_subgraphs(model: onnx.ModelProto) -> Iterator[Finding]:
+    """Each subgraph checked as a model of its own, with the constants it reads from outside; its findings name
+    the node as ``<If node>/<branch>/<node>``."""
+    outside = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            for inner in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs):
+                graph = onnx.GraphProto()
+                graph.CopyFrom(inner)
+                graph.initializer.extend(outside[n] for n in undefined_inputs(inner) if n in outside)
+                as_model = onnx.helper.make_model(graph, opset_imports=model.opset_import)
+                for finding in check_model(as_model):
+                    yield Finding(finding.severity, finding.rule, f"{name_of(node)}/{attribute.name}/{finding.node}",
+                                  finding.message)
 
 
 def check_opset(model: onnx.ModelProto, graph: GraphIndex) -> Iterator[Finding]:

@@ -128,3 +128,26 @@ def test_findings_on_a_model_quantized_by_onnx_runtime(tmp_path, rng):
     # ONNX Runtime's defaults: asymmetric uint8 activations and an int32 quantized bias.
     found = rules(quantize_with_onnxruntime(parse(CONV, rng), tmp_path, rng))
     assert "int32-bias" in found and "zero-point" in found
+
+
+def test_a_broken_pair_inside_an_if_branch_is_found_and_named_by_its_path(quantized):
+    """The quantized Conv moved into the then branch of an If (its scales read from outside, as qdq writes them
+    into branches too): clean; then a zero scale is found, named through the If."""
+    inner = onnx.GraphProto()
+    inner.CopyFrom(quantized.graph)
+    inner.name = "then"
+    del inner.input[:]
+    del inner.initializer[:]
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="copy")], "else", [],
+                              [helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, ["N", 16, 8, 8])])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["y_out"], name="branch", then_branch=inner,
+                                                else_branch=other)], "g",
+                              [helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []), *quantized.graph.input],
+                              [helper.make_tensor_value_info("y_out", onnx.TensorProto.FLOAT, ["N", 16, 8, 8])],
+                              list(quantized.graph.initializer))
+    model = helper.make_model(graph, opset_imports=quantized.opset_import)
+    assert check_model(model) == []
+    scale = next(n for n in inner.node if n.op_type == "QuantizeLinear").input[1]
+    set_initializer(model, scale, np.array(0.0, np.float32))
+    findings = [f for f in check_model(model) if f.rule == "scale-value"]
+    assert findings and all(f.node.startswith("branch/then_branch/") for f in findings), findings
