@@ -411,6 +411,26 @@ g (float[N, 1, 256] x) => (float[N, 16, 5] y) <float[32, 1, 64] stft = {0.0}, fl
   y = Conv <pads = [1, 1]> (h, w2)
 }"""
 
+# basic-pitch's CQT (tf2onnx): a decimation Conv, a negated kernel Conv, the octaves concatenated, each squared and
+# summed over the real/imaginary axis (ReduceSum), square-rooted, scaled and offset into a Log; then a CNN.
+CQT = HEADER + """
+g (float[N, 1, 512] x) => (float[N, 16, 30] y) <float[16, 1, 8] lowpass = {0.0}, float[32, 16, 16] kernels = {0.0},
+    float[16, 16, 3] w = {0.0}, int64[1] axes = {2}, int64[4] shape = {0, 16, 2, 30}, float scale = {0.5},
+    float eps = {0.001}> {
+  d = Conv <strides = [2]> (x, lowpass)
+  k = Conv <strides = [8]> (d, kernels)
+  n = Neg (k)
+  c = Concat <axis = 2> (n, n)
+  r = Reshape (c, shape)
+  sq = Mul (r, r)
+  p = ReduceSum <keepdims = 0> (sq, axes)
+  m = Sqrt (p)
+  s = Mul (m, scale)
+  o = Add (s, eps)
+  l = Log (o)
+  y = Conv <pads = [1, 1]> (l, w)
+}"""
+
 # Squares that are no spectrum: tanh-GELU's x·x, and a square alone.
 NOT_A_SPECTRUM = HEADER + """
 g (float[N, 8, 32] x) => (float[N, 8, 32] y, float[N, 8, 32] z) <float[32, 32] w1 = {0.0}, float[32, 32] w2 = {0.0},
@@ -434,6 +454,15 @@ def test_a_magnitude_spectrum_through_slices_and_casts_is_found(rng):
     assert decision(plan, "Conv_c1").rule == "spectrum" and "reads a magnitude spectrum (m)" in \
         decision(plan, "Conv_c1").reason
     assert decision(plan, "Conv_y").quantized, "after the ReLU the encoder is an ordinary CNN"
+
+
+def test_a_cqt_summed_by_reducesum_through_negation_and_concats_stays_float(rng):
+    """Both Convs reach the Log through linear ops only (a Neg, Concats, the magnitude's ReduceSum)."""
+    plan = plan_of(parse(CQT, rng))
+    for node in ("Conv_d", "Conv_k"):
+        assert decision(plan, node).rule == "spectrum" and "feeds the logarithm" in decision(plan, node).reason, \
+            decision(plan, node)
+    assert decision(plan, "Conv_y").quantized, "after the Log the network is an ordinary CNN"
 
 
 def test_squares_that_are_no_spectrum_leave_layers_quantized(rng):

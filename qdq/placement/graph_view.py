@@ -128,14 +128,16 @@ def spectrum(tensor: gs.Tensor) -> str | None:
     return None
 
 
-# What a logarithm's input may pass through from a layer's output and still carry its errors unfiltered.
+# What a logarithm's input may pass through from a layer's output and still carry its errors unfiltered: copies,
+# linear layers and arithmetic, the magnitude's square root and sums (ReduceSum over real and imaginary parts).
 TOWARDS_LOG_OPS = SPECTRUM_COPY_OPS | WEIGHTED_OPS | frozenset(
-    {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Abs", "Clip", "Max", "Min", "Sum", "Concat"})
+    {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Abs", "Clip", "Max", "Min", "Sum", "Concat", "ReduceSum", "Neg"})
 
 
-def logarithm_after(tensor: gs.Tensor, limit: int = 32) -> gs.Node | None:
+def logarithm_after(tensor: gs.Tensor, limit: int = 128) -> gs.Node | None:
     """The Log that ``tensor`` reaches through arithmetic, copies and linear layers (a spectral front end's
-    filterbanks), or None. Any other op (an activation, a normalisation, a Softmax) ends the search."""
+    filterbanks), or None. Any other op (an activation, a normalisation, a Softmax) ends the search, and so do
+    ``limit`` nodes (basic-pitch's decimation Conv is 27 nodes from its Log, through octave Concats)."""
     stack, seen = [tensor], set()
     while stack and len(seen) < limit:
         current = stack.pop()
