@@ -19,6 +19,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -30,6 +31,9 @@ from qdq.graph import fresh_name, subgraphs, undefined_inputs
 from qdq.model_io import first_line
 from qdq.ranges import TensorRanges
 from qdq.runtime import session_exposing
+
+if TYPE_CHECKING:
+    from qdq.quantize import QuantizeResult
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +88,8 @@ def defined_names(graph: onnx.GraphProto) -> set[str]:
 
 
 def quantize_branches(prepared: onnx.ModelProto, quantized: onnx.ModelProto, data: Dataset | None,
-                      config: QuantizeConfig, given: TensorRanges | None, quantize: Callable
-                      ) -> tuple[list[tuple[Branch, object]], list[str]]:
+                      config: QuantizeConfig, given: TensorRanges | None, quantize: Callable[..., QuantizeResult]
+                      ) -> tuple[list[tuple[Branch, QuantizeResult]], list[str]]:
     """Each top-level If branch of ``prepared`` that calibration runs take, quantized (``quantize``: qdq's own,
     passed in because it is the caller), and written into the same If of ``quantized`` (edited in place).
 
@@ -115,7 +119,7 @@ def quantize_branches(prepared: onnx.ModelProto, quantized: onnx.ModelProto, dat
             known = [] if given is None else [n for n in given if n in defined_names(model.graph)]
             # FP32 inside: the FP16 pass rewrites a model's inputs, which here are the If's outer names. One
             # process: the branch's runs come from a session in this one, which shards cannot take along.
-            with silenced(log.parent):  # its notes come back below, saying which branch they are about
+            with silenced(logging.getLogger("qdq")):  # its notes come back below, saying which branch they are about
                 result = quantize(model, BranchRuns(probe, data, branch, counts[branch]),
                                   config=dataclasses.replace(config, target_sqnr=None, max_top1_drop=None,
                                                              high_precision="fp32", workers=1, ray_address=None),
