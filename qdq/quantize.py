@@ -140,16 +140,8 @@ def quantize(
         warn_unknown_names(ranges, source)
     # ``working`` is what gets quantized (float-exact rewrites, then re-rounded weights); ``prepared`` stays the
     # float reference the output is compared with.
-    working, technique_notes, smoothed, rescaled = before_calibration(prepared, plan, calibration, config,
-                                                                      given=ranges)
-    notes.extend(technique_notes)
-    plan, technique_notes = refine_plan(working, plan, calibration, config)
-    notes.extend(technique_notes)
-    used = plan_ranges(working, plan, calibration, config, ranges, notes, progress=progress)
-    # A given range wins over the smoothed maximum (the same value when the ranges come from an identical run).
-    if smoothed := {name: amax for name, amax in smoothed.items() if name in used and name not in (ranges or {})}:
-        used = TensorRanges(smoothed, method=used.method, sources=dict.fromkeys(smoothed, "smoothquant: max")
-                            ).merged(used).shared(plan.shared_scales)
+    working, plan, used, rescaled = calibrated_plan(prepared, plan, calibration, config, ranges, notes,
+                                                    progress=progress)
     if config.target_sqnr is not None or config.max_top1_drop is not None:
         plan, used, float_session = meet_target(working, plan, used, evaluation, config, notes, progress=progress)
     else:
@@ -188,6 +180,24 @@ def quantize(
         report = dataclasses.replace(report, notes=(*report.notes, warning))
     report = dataclasses.replace(report, comparison=comparison, seconds=time.perf_counter() - started)
     return QuantizeResult(quantized, used, plan, report)
+
+
+def calibrated_plan(prepared: onnx.ModelProto, plan: QuantPlan, calibration: Dataset | None, config: QuantizeConfig,
+                    given: TensorRanges | None, notes: list[str], *, progress: bool = False
+                    ) -> tuple[onnx.ModelProto, QuantPlan, TensorRanges, tuple[str, ...]]:
+    """The techniques that rescale activations (a new model), the placement changes that need data (a new plan),
+    and the ranges of that model and plan; and which techniques rescaled it. ``prepared`` is not modified."""
+    working, technique_notes, smoothed, rescaled = before_calibration(prepared, plan, calibration, config,
+                                                                      given=given)
+    notes.extend(technique_notes)
+    plan, technique_notes = refine_plan(working, plan, calibration, config)
+    notes.extend(technique_notes)
+    used = plan_ranges(working, plan, calibration, config, given, notes, progress=progress)
+    # A given range wins over the smoothed maximum (the same value when the ranges come from an identical run).
+    if smoothed := {name: amax for name, amax in smoothed.items() if name in used and name not in (given or {})}:
+        used = TensorRanges(smoothed, method=used.method, sources=dict.fromkeys(smoothed, "smoothquant: max")
+                            ).merged(used).shared(plan.shared_scales)
+    return working, plan, used, rescaled
 
 
 def calibrate(
@@ -239,7 +249,12 @@ def sensitivity(
     config: QuantizeConfig | None = None,
     progress: bool = False,
 ) -> SensitivityReport:
-    """Rank the layers ``quantize`` would quantize by the output SQNR they cost (one at a time, and all but one)."""
+    """Rank the layers ``quantize`` would quantize by the output SQNR they cost (one at a time, and all but one).
+
+    The layers and ranges are those ``quantize`` uses before its weight techniques: after SmoothQuant and
+    equalization, with the depthwise Convs ``uneven-depthwise`` leaves float left out (its ``--target-sqnr``
+    ranks the same way).
+    """
     config = checked_config(config)
     source = load_model(model)
     prepared, notes = prepare(source, config.quant_scheme())
@@ -248,8 +263,8 @@ def sensitivity(
     calibration = open_data(calibration_data, specs, config.batch_size)
     evaluation = open_data(evaluation_data, specs, config.batch_size)
     plan = plan_quantization(prepared, config.placement())
-    ranges = plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
-    evaluator = Evaluator(prepared, ranges, evaluation, make_session(prepared, what="the float model"),
+    working, plan, ranges, _ = calibrated_plan(prepared, plan, calibration, config, None, notes, progress=progress)
+    evaluator = Evaluator(working, ranges, evaluation, make_session(prepared, what="the float model"),
                           config.weights, config.quant_scheme())
     return layer_sensitivity(plan, evaluator, progress=progress)
 
