@@ -18,7 +18,8 @@ from qdq.errors import MissingDependencyError, ModelError, QdqError, printable
 from qdq.files import RunFiles, regular_file
 from qdq.inspect import inspect_model
 from qdq.model_io import load_model
-from qdq.quantize import QuantizeResult, calibrate, explain, explain_techniques, quantize, sensitivity
+from qdq.optimize.pipeline import describe_techniques
+from qdq.quantize import QuantizeResult, calibrate, explained, quantize, sensitivity
 from qdq.range_files import format_for_path, read_ranges, write_ranges
 from qdq.report import write_report
 
@@ -97,8 +98,8 @@ def describe_method(method: str) -> str:
 
 def run_explain(args: argparse.Namespace) -> int:
     config = make_config(args)
-    plan = explain(args.model, config=config)
-    techniques = explain_techniques(args.model, config=config)
+    prepared, plan = explained(args.model, config)  # prepared once: its notes are said once
+    techniques = describe_techniques(prepared, plan, config)
     if args.json:
         print_json({**plan.to_dict(), "techniques": techniques})
     else:

@@ -271,17 +271,21 @@ def sensitivity(
 
 def explain(model: str | os.PathLike[str] | onnx.ModelProto, *, config: QuantizeConfig | None = None) -> QuantPlan:
     """The placement plan ``quantize`` would follow for ``model``: every node's decision, rule and reason."""
-    config = checked_config(config)
-    prepared, _ = prepare(load_model(model), config.quant_scheme())
-    return plan_quantization(prepared, config.placement())
+    return explained(model, checked_config(config))[1]
 
 
 def explain_techniques(model: str | os.PathLike[str] | onnx.ModelProto, *,
                        config: QuantizeConfig | None = None) -> list[str]:
     """What the accuracy techniques of ``config.optimize`` would do on ``model`` (data-free part), one per line."""
     config = checked_config(config)
+    return describe_techniques(*explained(model, config), config)
+
+
+def explained(model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig
+              ) -> tuple[onnx.ModelProto, QuantPlan]:
+    """The prepared model and its plan, as ``quantize`` makes them before any data is read."""
     prepared, _ = prepare(load_model(model), config.quant_scheme())
-    return describe_techniques(prepared, plan_quantization(prepared, config.placement()), config)
+    return prepared, plan_quantization(prepared, config.placement())
 
 
 def note_constant_inputs(model: onnx.ModelProto, notes: list[str]) -> None:

@@ -161,3 +161,13 @@ def test_quantize_json_summary(tmp_path, capsys):
     assert code == 0
     doc = json.loads(out)
     assert doc["activations"] == 6 and doc["comparison"]["quant_accuracy"] > 0.97 and "relu_2" in doc["ranges"]
+
+
+def test_explain_says_each_preparation_note_once(capsys, tmp_path, rng):
+    """explain prints the plan and the techniques: the model is prepared once for both."""
+    model = parse('<ir_version: 7, opset_import: ["" : 11]> g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] y) '
+                  "<float[16, 16, 3, 3] w = {0.0}> { y = Conv <pads = [1, 1, 1, 1]> (x, w) }", rng)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    code, _, err = run(capsys, "explain", path)
+    assert code == 0 and err.count("opset raised from 11 to 13") == 1, err

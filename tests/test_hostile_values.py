@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from conftest import nodes_by_op, parse
+from conftest import DIGITS, nodes_by_op, parse
 from conftest import run_cli as run
 from onnx import TensorProto, helper, numpy_helper
 
@@ -306,3 +306,13 @@ def test_json_ranges_names_survive(tmp_path):
     doc = {"format": "qdq-ranges", "version": 1, "tensors": {"a\x1bb": {"amax": 1.0}}}
     (tmp_path / "r.json").write_text(json.dumps(doc))
     assert list(read_ranges(tmp_path / "r.json").amax) == ["a\x1bb"]
+
+
+def test_a_nan_in_the_calibration_data_leaves_bias_correction_out_and_says_why():
+    """The float model's own outputs are NaN on that sample, so the keep-or-drop check cannot compare."""
+    image = np.load(DIGITS / "calib.npz")["image"].copy()
+    image[3, 0, 4, 4] = np.nan
+    result = qdq.quantize(DIGITS / "digits.onnx", {"image": image})
+    assert any("bias correction left out: the model's outputs on" in n and "are not finite" in n
+               for n in result.report.notes), result.report.notes
+    assert not any("nan to nan" in n for n in result.report.notes)

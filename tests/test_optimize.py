@@ -524,3 +524,32 @@ def test_the_uncorrected_score_riding_on_the_moments_pass_equals_a_pass_of_its_o
     assert check.seen == 48, "whole batches, as Dataset.head takes them"
     assert check.sqnr() == pytest.approx(min(o.sqnr_db for o in alone.outputs), abs=1e-9)
     assert alone.samples == 48
+
+
+# A transformer's Linear as some exporters write it (GPT-2's Conv1D): the tokens flattened into the batch axis.
+FLATTENED = """<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 16, 32] x) => (float[M, 32] y) <float[32, 32] w = {0.0}, float[32] b = {0.0},
+    int64[2] rows = {-1, 32}> {
+  f = Reshape (x, rows)
+  y = Gemm (f, w, b)
+}"""
+
+
+@pytest.mark.parametrize("samples", [8, 40])
+def test_sample_counts_are_samples_not_the_token_rows_flattened_into_the_batch(samples, rng):
+    model = parse(FLATTENED, rng)
+    data = {"x": rng.normal(size=(samples, 16, 32)).astype(np.float32)}
+    notes = " | ".join(qdq.quantize(model, data).report.notes)
+    if samples < 32:  # 8 samples are 128 token rows: the 32-sample guards must not count those
+        assert "bias correction skipped: 8 calibration samples, it needs 32" in notes, notes
+        assert "that need a Mul left alone: 8 calibration samples" in notes, notes
+    else:  # 16 token rows per sample: not a classifier's [batch, features] input
+        assert "a classifier's" not in notes and "bias correction (empirical" in notes, notes
+
+
+def test_per_sample_splits_flattened_rows_and_keeps_an_undivided_run_whole():
+    from qdq.calibrate.data import per_sample
+    assert [c.shape for c in per_sample(np.zeros((12, 5)), 4)] == [(3, 5)] * 4
+    assert [c.shape for c in per_sample(np.zeros((2, 3, 5)), 2)] == [(1, 3, 5)] * 2
+    assert [c.shape for c in per_sample(np.zeros((7, 5)), 2)] == [(7, 5)]
+    assert [c.shape for c in per_sample(np.zeros(()), 3)] == [()]

@@ -468,3 +468,32 @@ def test_a_cqt_summed_by_reducesum_through_negation_and_concats_stays_float(rng)
 def test_squares_that_are_no_spectrum_leave_layers_quantized(rng):
     plan = plan_of(parse(NOT_A_SPECTRUM, rng))
     assert all(decision(plan, node).quantized for node in ("MatMul_a", "MatMul_y", "MatMul_z")), plan.decisions
+
+
+# GPT-2's gelu_new: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), and a plain Tanh activation after it.
+TANH_GELU = HEADER + """
+g (float[N, 8, 32] x) => (float[N, 8, 32] y) <float[32, 32] w1 = {0.0}, float[32, 32] w2 = {0.0},
+    float[32, 32] w3 = {0.0}, float three = {3.0}, float k = {0.044715}, float c = {0.7978846}, float one = {1.0},
+    float half = {0.5}> {
+  a = MatMul (x, w1)
+  cube = Pow (a, three)
+  small = Mul (cube, k)
+  inner = Add (a, small)
+  scaled = Mul (inner, c)
+  t = Tanh (scaled)
+  t1 = Add (t, one)
+  h = Mul (a, half)
+  g = Mul (h, t1)
+  b = MatMul (g, w2)
+  act = Tanh (b)
+  y = MatMul (act, w3)
+}"""
+
+
+def test_tanh_gelu_stays_float_even_with_its_op_types_included_and_a_plain_tanh_does_not(rng):
+    plan = plan_of(parse(TANH_GELU, rng), include_op_types=("Mul", "Add", "Tanh"))
+    for node in ("Tanh_t", "Add_t1", "Mul_h", "Mul_g", "Add_inner", "Mul_scaled"):
+        assert not decision(plan, node).quantized, decision(plan, node)
+    for node in ("Tanh_t", "Mul_g", "Add_inner"):  # the ones with no constant input: float for being GELU
+        assert decision(plan, node).rule == "float-region", decision(plan, node)
+    assert decision(plan, "Tanh_act").quantized, "a Tanh activation of its own is no GELU"

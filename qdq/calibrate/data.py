@@ -56,6 +56,15 @@ class Batch:
     samples: int
 
 
+def per_sample(value: np.ndarray, samples: int) -> list[np.ndarray]:
+    """A tensor of a run of ``samples`` samples, split by sample along its first axis, which holds them whole
+    (``[batch, ...]``) or with other rows flattened in (a ``[batch*tokens, features]`` Gemm input, Swin's windows);
+    when it does not divide, the whole run as one sample. Counting its rows instead would count tokens."""
+    if value.ndim == 0 or samples <= 1 or value.shape[0] % samples:
+        return [value]
+    return np.split(value, samples)
+
+
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """The model's real inputs (graph inputs that are not initializers)."""
     initializers = {init.name for init in model.graph.initializer}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from qdq.calibrate.data import Batch, Dataset
+from qdq.calibrate.data import Batch, Dataset, per_sample
 from qdq.errors import DataError
 from qdq.model_io import first_line
 from qdq.optimize.layers import Layer
@@ -43,15 +43,17 @@ class Moments:
     gram: np.ndarray | None = None  # [groups, K, K]
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
 
-    def update(self, layer: Layer, x: np.ndarray, *, with_gram: bool, delta: np.ndarray | None = None) -> None:
-        """Add a batch; with ``delta`` (ΔW as ``[groups, N, K]``) also each sample's output shift."""
+    def update(self, layer: Layer, x: np.ndarray, *, with_gram: bool, delta: np.ndarray | None = None,
+               samples: int = 1) -> None:
+        """Add a batch of ``samples`` samples; with ``delta`` (ΔW as ``[groups, N, K]``) also each sample's output
+        shift."""
         if delta is None:
             total, rows = layer.patch_sum(x)
             self.total = total if self.total is None else self.total + total
             self.count += rows
         else:
-            for sample in x.reshape(-1, *x.shape[1:]) if x.ndim > 1 else [x]:
-                total, rows = layer.patch_sum(sample[None] if layer.op == "Conv" else sample)
+            for sample in per_sample(x, samples):
+                total, rows = layer.patch_sum(sample)
                 self.total = total if self.total is None else self.total + total
                 self.count += rows
                 shift = np.einsum("gnk,gk->gn", delta, total / max(rows, 1)).reshape(-1)
@@ -111,7 +113,8 @@ def collect_moments(quantized: onnx.ModelProto, layers: list[Layer], data: Datas
                 name = inputs[layer.node]
                 x = values[name] if name in values else batch.feeds[name]
                 moments[layer.node].update(layer, x, with_gram=with_gram,
-                                            delta=None if deltas is None else deltas[layer.node])
+                                            delta=None if deltas is None else deltas[layer.node],
+                                            samples=batch.samples)
     log.debug("measured the inputs of %d layers in %d passes", len(layers), len(groups))
     return moments
 

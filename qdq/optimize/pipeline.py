@@ -16,7 +16,7 @@ from qdq.optimize import RELAXATION_ITERATIONS, RESCALING, chosen_techniques
 from qdq.optimize.depthwise import depthwise_sites, leave_uneven_depthwise
 from qdq.optimize.equalize import equalize
 from qdq.optimize.smoothquant import smooth
-from qdq.optimize.weights import optimize_weights, quantized_model
+from qdq.optimize.weights import not_measured, optimize_weights, quantized_model
 from qdq.placement.plan import QuantPlan
 from qdq.ranges import TensorRanges
 from qdq.runtime import LARGE_MODEL_BYTES, make_session
@@ -99,6 +99,8 @@ def equalized_if_better(model: onnx.ModelProto, plan: QuantPlan, data: Dataset |
         return min(o.sqnr_db for o in compare_models(reference, quantized_model(variant, plan, ranges), check).outputs)
 
     without, with_ = score(model), score(balanced)
+    if unmeasurable := not_measured("equalization", check.name, without, with_):
+        return model, [unmeasurable, *notes[1:]]
     if with_ < without + EQUALIZE_MARGIN_DB:
         return model, [f"equalization measured and left out: the output SQNR on {check.name} would go from "
                        f"{without:.2f} to {with_:.2f} dB (it must gain {EQUALIZE_MARGIN_DB:g})", *notes[1:]]

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qdq.calibrate.data import Dataset
+from qdq.calibrate.data import Dataset, per_sample
 from qdq.config import QuantizeConfig
 from qdq.errors import DataError
 from qdq.graph import fresh_name
@@ -180,7 +180,7 @@ def smooth(model: onnx.ModelProto, plan: QuantPlan, data: Dataset, config: Quant
     peaks: dict[str, float] = {}
     for site in sites:
         seen = observed[site.output]
-        if site.needs_mul and seen.rank < 3:
+        if site.needs_mul and seen.rows_per_sample < 2:
             classifier_inputs.append(site.norm)  # [batch, features]: no token rows whose channels repeat
             continue
         if site.needs_mul and seen.samples < MIN_SAMPLES:
@@ -214,21 +214,23 @@ def spread(channel_max: np.ndarray) -> float:
 class Observed:
     """One activation over the calibration data, split by sample into two halves (even and odd samples)."""
 
-    rank: int = 0
+    rows_per_sample: int = 0  # the most rows (tokens) one sample gave: 1 for a classifier's [batch, features]
     samples: int = 0
     channel_max: np.ndarray | None = None  # per channel max|x| over all data
     half_max: list = field(default_factory=lambda: [None, None])  # the same over each half
     half_rows: list = field(default_factory=lambda: [[], []])  # a seeded sample of each half's rows
 
-    def add(self, value: np.ndarray, first_sample: int, rng: np.random.Generator) -> None:
-        self.rank = value.ndim
-        per_sample = value.reshape(value.shape[0], -1, value.shape[-1]) if value.ndim > 1 else value.reshape(1, 1, -1)
-        parity = (first_sample + np.arange(len(per_sample))) % 2
-        self.samples += len(per_sample)
+    def add(self, value: np.ndarray, samples: int, first_sample: int, rng: np.random.Generator) -> None:
+        """Add one run's value of the activation, a run of ``samples`` samples."""
+        rows = [chunk.reshape(-1, value.shape[-1]) for chunk in per_sample(value.reshape(1, -1) if value.ndim < 2
+                                                                           else value, samples)]
+        self.rows_per_sample = max(self.rows_per_sample, *(len(r) for r in rows))
+        self.samples += len(rows)
         for half in (0, 1):
-            flat = per_sample[parity == half].reshape(-1, per_sample.shape[-1]).astype(np.float64)
-            if not len(flat):
+            parts = [r for i, r in enumerate(rows) if (first_sample + i) % 2 == half]
+            if not parts:
                 continue
+            flat = np.concatenate(parts).astype(np.float64)
             peak = np.abs(flat).max(axis=0)
             self.half_max[half] = peak if self.half_max[half] is None else np.maximum(self.half_max[half], peak)
             self.half_rows[half].append(flat[rng.choice(len(flat), min(len(flat), SAMPLE_ROWS // 2), replace=False)])
@@ -258,8 +260,8 @@ def observe(model: onnx.ModelProto, names: list[str], data: Dataset) -> dict[str
         except Exception as exc:  # ORT's InvalidArgument / Fail
             raise DataError(f"ONNX Runtime failed on batch {number} of {data.name}: {first_line(exc)}") from exc
         for name, value in zip(names, values, strict=True):
-            observed[name].add(value, first_sample, rng)
-        first_sample += values[0].shape[0] if values and values[0].ndim else 1
+            observed[name].add(value, batch.samples, first_sample, rng)
+        first_sample += batch.samples
     return observed
 
 

@@ -67,7 +67,9 @@ def optimize_weights(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRang
         check = data.head(CHECK_SAMPLES)
         comparison = compare_models(uncorrected.session, quantized_model(corrected, plan, ranges), check)
         without, with_ = uncorrected.sqnr(), min(o.sqnr_db for o in comparison.outputs)
-        if with_ >= without:
+        if unmeasurable := not_measured("bias correction", check.name, without, with_):
+            notes.append(unmeasurable)
+        elif with_ >= without:
             out = corrected
             notes.append(f"{note}; SQNR on {check.name} {without:.2f} -> {with_:.2f} dB")
         else:
@@ -115,11 +117,22 @@ def rounded_if_better(out: onnx.ModelProto, model: onnx.ModelProto, layers: list
     check = data.head(CHECK_SAMPLES)
     comparison = compare_models(nearest_check.session, quantized_model(rounded, plan, ranges), check)
     without, with_ = nearest_check.sqnr(), min(o.sqnr_db for o in comparison.outputs)
+    if unmeasurable := not_measured("learned rounding", check.name, without, with_):
+        return False, unmeasurable
     if with_ < without:
         return False, (f"learned rounding measured and left out: the output SQNR on {check.name} would drop from "
                        f"{without:.2f} to {with_:.2f} dB")
     out.CopyFrom(rounded)
     return True, f"{note}; SQNR on {check.name} {without:.2f} -> {with_:.2f} dB"
+
+
+def not_measured(technique: str, data: str, without: float, with_: float) -> str | None:
+    """The note for a keep-or-drop check that cannot decide: an output SQNR is NaN (non-finite calibration data
+    that calibration itself only warned about)."""
+    if not (np.isnan(without) or np.isnan(with_)):
+        return None
+    return (f"{technique} left out: the model's outputs on {data} are not finite, so whether it brings them closer "
+            "cannot be measured")
 
 
 def round_weights(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, ranges: TensorRanges,

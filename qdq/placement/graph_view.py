@@ -78,7 +78,7 @@ def is_float_core(node: gs.Node) -> bool:
     A ReduceMean over the spatial axes alone is global average pooling (PyTorch exports ``x.mean((2, 3))``
     so), not part of a normalisation.
     """
-    if node.op in FLOAT_REGION_OPS:
+    if node.op in FLOAT_REGION_OPS or is_tanh_gelu(node):
         return True
     if node.op != "ReduceMean" or not node.inputs:
         return False
@@ -87,6 +87,31 @@ def is_float_core(node: gs.Node) -> bool:
     variance = (p := producer(x)) is not None and (p.op == "Pow" or (p.op == "Mul" and len(set(
         id(t) for t in p.inputs)) == 1))
     return subtracted or variance
+
+
+def is_tanh_gelu(node: gs.Node) -> bool:
+    """The Tanh of GELU's tanh approximation (GPT-2's ``gelu_new``): its argument is ``c·(x + 0.044715·x³)``, a
+    cube within four elementwise steps back. A Tanh activation of its own is no GELU."""
+    if node.op != "Tanh":
+        return False
+    frontier = [node]
+    for _ in range(4):
+        frontier = [p for n in frontier for t in n.inputs
+                    if (p := producer(t)) is not None and p.op in ("Mul", "Add", "Div", "Pow")]
+        if any(is_cube(p) for p in frontier):
+            return True
+    return False
+
+
+def is_cube(node: gs.Node) -> bool:
+    """``x ** 3``, or ``x * x * x`` as a square times its base."""
+    if node.op == "Pow":
+        return len(node.inputs) == 2 and exponent(node.inputs[1]) == 3.0
+    if node.op != "Mul" or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    return any((p := producer(square)) is not None and is_square(p) and p.inputs[0] is base
+               for square, base in ((a, b), (b, a)))
 
 
 def neighbours(node: gs.Node) -> Iterator[gs.Node]:
