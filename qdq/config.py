@@ -12,6 +12,7 @@ from typing import Literal
 from qdq.calibrate.options import CalibrationOptions
 from qdq.calibrate.registry import DEFAULT_METHOD
 from qdq.calibrate.registry import METHODS as METHOD_REGISTRY
+from qdq.ops import CONTROL_FLOW_OPS, RECURRENT_OPS
 from qdq.optimize import TECHNIQUES
 from qdq.placement.planner import PlacementOptions
 from qdq.scheme import SCHEMES, Scheme, with_fp16_scales
@@ -96,6 +97,10 @@ class QuantizeConfig:
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{field} must be a sequence of strings, got {value!r}")
             object.__setattr__(self, field, tuple(value))
+        if unquantizable := [t for t in self.include_op_types if t in RECURRENT_OPS | CONTROL_FLOW_OPS]:
+            raise ValueError(f"include_op_types: {', '.join(unquantizable)} cannot be quantized with Q/DQ on its "
+                             "inputs (a recurrent layer's weights and a control-flow op's subgraphs are inside the "
+                             "op; If branches are quantized anyway, see qdq.branches)")
         for pattern in self.exclude_nodes:
             try:
                 re.compile(pattern)

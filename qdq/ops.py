@@ -56,6 +56,8 @@ FLOAT_REGION_OPS = (SOFTMAX_OPS | NORMALIZATION_OPS
                     | frozenset({"Gelu", "Pow", "Sqrt", "Reciprocal", "Erf", "ReduceSumSquare", "ReduceL2"}))
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
+# Recurrent layers keep their weights inside the op: there is no weight input for a Q/DQ pair to go on.
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 # Ops that make or pick values rather than transform a float activation; they keep their own precision.
 GENERATOR_OPS = frozenset({"Constant", "ConstantOfShape", "Range", "RandomNormal", "RandomUniform",
                            "RandomNormalLike", "RandomUniformLike"})

@@ -497,3 +497,9 @@ def test_tanh_gelu_stays_float_even_with_its_op_types_included_and_a_plain_tanh_
     for node in ("Tanh_t", "Mul_g", "Add_inner"):  # the ones with no constant input: float for being GELU
         assert decision(plan, node).rule == "float-region", decision(plan, node)
     assert decision(plan, "Tanh_act").quantized, "a Tanh activation of its own is no GELU"
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "Loop"])
+def test_including_an_op_whose_weights_or_graphs_are_inside_it_is_refused_by_name(op):
+    with pytest.raises(ValueError, match=f"include_op_types: {op} cannot be quantized"):
+        qdq.QuantizeConfig(include_op_types=(op,))
