@@ -112,7 +112,8 @@ def test_inspect_a_qdq_model_with_reasons(tmp_path, capsys):
     found = inspect_model(result.model)
     assert sum(p.kind == "activation" for p in found.pairs) == 6
     assert all(p.granularity.startswith("per channel (axis 0") for p in found.pairs if p.kind == "weight")
-    assert found.float_layers == (("node_linear", "Gemm", "[tiny-gemm] K=64, N=10: below 16, INT8 gains nothing"),)
+    assert found.float_layers == (("node_linear", "Gemm",
+                                   "[tiny-gemm] N=10 below 16 (K=64, N=10): INT8 gains nothing"),)
     onnx.save(result.model, str(tmp_path / "q.onnx"))
     assert main(["inspect", str(tmp_path / "q.onnx"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["metadata"]["qdq.version"] == qdq.__version__

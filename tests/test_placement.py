@@ -293,7 +293,7 @@ def test_placement_does_not_depend_on_node_order(source, rng):
 def test_explain_cli_prints_every_node_and_a_summary(capsys):
     assert main(["explain", str(ROOT / "models/digits/digits.onnx")]) == 0
     out = capsys.readouterr().out
-    assert "[tiny-gemm] K=64, N=10" in out and "[residual-add]" in out and "nodes quantized" in out
+    assert "[tiny-gemm] N=10 below 16 (K=64, N=10)" in out and "[residual-add]" in out and "nodes quantized" in out
     assert main(["explain", str(ROOT / "models/digits/digits.onnx"), "--json"]) == 0
     assert '"rule": "weighted-op"' in capsys.readouterr().out
 

@@ -150,8 +150,8 @@ def tiny_gemm(node: gs.Node) -> str | None:
     if m == 1 or n == 1:
         shape = ", ".join(f"{d}={v}" for d, v in (("M", m), ("N", n)) if v is not None)
         return f"GEMV-shaped ({shape}): no tensor-core gain from INT8"
-    if (k is not None and k < MIN_GEMM_DIM) or (n is not None and n < MIN_GEMM_DIM):
-        return f"K={k}, N={n}: below {MIN_GEMM_DIM}, INT8 gains nothing"
+    if narrow := [f"{d}={v}" for d, v in (("K", k), ("N", n)) if v is not None and v < MIN_GEMM_DIM]:
+        return f"{' and '.join(narrow)} below {MIN_GEMM_DIM} (K={k}, N={n}): INT8 gains nothing"
     return None
 
 
