@@ -68,8 +68,17 @@ def huge_constant(index: GraphIndex, name: str) -> bool:
             and bool(np.max(np.abs(values)) >= MASK_MAGNITUDE))
 
 
+# What a mask is made with from its integer or boolean source: arithmetic, comparisons and logic, selection, and
+# copies (their data input only: a Reshape's shape or a Gather's indices say where values go, not what they are).
+MASK_PATH_OPS = ELEMENTWISE_OPS | frozenset({"Neg", "Max", "Min", "Sum", "Not", "And", "Or", "Xor", "Equal", "Less",
+                                             "Greater", "LessOrEqual", "GreaterOrEqual", "Concat"})
+
+
 def mask_like(index: GraphIndex, tensor: str, depth: int = 6) -> bool:
-    """Whether ``tensor`` is computed from integer/boolean data (an attention or padding mask) or huge constants."""
+    """Whether ``tensor`` is computed from integer/boolean data (an attention or padding mask) or huge constants,
+    through the ops masks are made with. A layer (MatMul, Conv...) or an embedding lookup in between makes
+    features, not a mask: tf2onnx's Dense on a sequence reshapes by a shape Cast from int64, and residual Adds
+    after it were once taken for masks."""
     if huge_constant(index, tensor):
         return True
     frontier = [tensor]
@@ -83,7 +92,9 @@ def mask_like(index: GraphIndex, tensor: str, depth: int = 6) -> bool:
                 continue
             if node.op_type == "Cast" and node.input and index.elem_type(node.input[0]) in INTEGER_TYPES:
                 return True
-            for inp in node.input:
+            inputs = node.input[:1] if node.op_type in COPY_OPS else node.input if node.op_type in MASK_PATH_OPS \
+                else []
+            for inp in inputs:
                 if not inp:
                     continue
                 if index.is_constant(inp):

@@ -503,3 +503,36 @@ def test_tanh_gelu_stays_float_even_with_its_op_types_included_and_a_plain_tanh_
 def test_including_an_op_whose_weights_or_graphs_are_inside_it_is_refused_by_name(op):
     with pytest.raises(ValueError, match=f"include_op_types: {op} cannot be quantized"):
         qdq.QuantizeConfig(include_op_types=(op,))
+
+
+# tf2onnx's Dense on a sequence: its Reshape's shape goes through Cast(int64 -> int32 -> int64), and a token
+# embedding's Gather reads int64 ids. Neither makes the residual Add after them a mask Add; BERT's mask does.
+SHAPE_CAST_RESIDUAL = HEADER + """
+g (float[N, 16, 64] x, int64[N, 16] ids, int64[N, 16] keep) => (float[N, 16, 64] y, float[N, 16, 64] z,
+                                                                 float[N, 16, 64] masked)
+    <float[64, 64] w = {0.0}, float[64] b = {0.0}, float[100, 64] table = {0.0}, float[64, 64] w2 = {0.0},
+     float one = {1.0}, float big = {-10000.0}, int64[1] last = {2}> {
+  s = Shape (x)
+  s32 = Cast <to = 6> (s)
+  s64 = Cast <to = 7> (s32)
+  h = Reshape (x, s64)
+  m = MatMul (h, w)
+  f = Add (m, b)
+  y = Add (h, f)
+  e = Gather (table, ids)
+  p = MatMul (e, w2)
+  k = Cast <to = 1> (keep)
+  inv = Sub (one, k)
+  fill = Mul (inv, big)
+  u = Unsqueeze (fill, last)
+  masked = Add (p, u)
+  z = Add (e, p)
+}"""
+
+
+def test_shape_casts_and_embedding_ids_do_not_make_a_residual_add_a_mask(rng):
+    plan = plan_of(parse(SHAPE_CAST_RESIDUAL, rng))
+    assert decision(plan, "Add_y").rule == "residual-add" and decision(plan, "Add_y").quantized, \
+        decision(plan, "Add_y")
+    assert decision(plan, "Add_z").rule != "mask", decision(plan, "Add_z")
+    assert decision(plan, "Add_masked").rule == "mask", "an int64 mask made into -1e4 fills is still a mask"
