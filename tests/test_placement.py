@@ -181,6 +181,20 @@ def test_tiny_channel_conv_stays_float_but_not_the_first_layer(rng):
     assert decision(plan, "Conv_c").quantized, "3 input channels, but the first layer"
     small = decision(plan, "Conv_y")
     assert not small.quantized and small.rule == "tiny-conv" and "4 output channels" in small.reason
+    assert "16" not in small.reason.split(":")[0], "only the side below 16 is named"
+
+
+def test_the_first_layer_behind_keras_rescaling_and_an_nhwc_transpose_is_the_first_layer(rng):
+    """tf2onnx writes Keras' Rescaling (x / 127.5 - 1) and the NHWC->NCHW Transpose before the stem Conv."""
+    model = parse(HEADER + """
+    g (float[N, 8, 8, 3] x) => (float[N, 16, 8, 8] y) <float[16, 3, 3, 3] w = {0.0}, float s = {0.007843},
+        float o = {-1.0}> {
+      scaled = Mul (x, s)
+      shifted = Add (scaled, o)
+      nchw = Transpose <perm = [0, 3, 1, 2]> (shifted)
+      y = Conv <pads = [1, 1, 1, 1]> (nchw, w)
+    }""", rng)
+    assert decision(plan_of(model), "Conv_y").quantized, "3 input channels, but the first layer"
 
 
 def test_encoder_attention_softmax_layernorm_and_gelu():

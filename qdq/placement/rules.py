@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from qdq.attention import feeds_softmax, from_softmax, mask_like
-from qdq.graph import GraphIndex, is_constant
+from qdq.graph import GraphIndex, is_constant, producer
 from qdq.ops import FUSED_ATTENTION_OPS, POOLING_OPS, WEIGHTED_OPS, output_channel_axis
 from qdq.placement.graph_view import (
     SPECTRUM_COPY_OPS,
@@ -115,13 +115,29 @@ def tiny_conv(node: gs.Node, ctx: PlanContext) -> str | None:
         out_channels, in_channels = int(shape[0]), int(shape[1]) * group
     else:
         in_channels, out_channels = int(shape[0]), int(shape[1]) * group
-    if source_through_copies(node.inputs[0]).name in ctx.graph_inputs:
-        return None  # the first layer, even behind an NHWC->NCHW Transpose (tf2onnx exports)
-    small = [c for c in (in_channels, out_channels) if c < MIN_CONV_CHANNELS and c % 8]
+    if source_through_preprocessing(node.inputs[0]).name in ctx.graph_inputs:
+        return None  # the first layer, even behind an NHWC->NCHW Transpose and a Rescaling (tf2onnx exports)
+    small = [f"{c} {side}" for c, side in ((in_channels, "input"), (out_channels, "output"))
+             if c < MIN_CONV_CHANNELS and c % 8]
     if small:
-        return (f"{in_channels} input and {out_channels} output channels: below {MIN_CONV_CHANNELS} and not a "
-                "multiple of 8, INT8 gains nothing")
+        return (f"{' and '.join(small)} channels: below {MIN_CONV_CHANNELS} and not a multiple of 8, INT8 gains "
+                "nothing")
     return None
+
+
+def source_through_preprocessing(tensor: gs.Tensor) -> gs.Tensor:
+    """Walk back through copy ops and an input's affine preprocessing (a Mul, Add, Sub or Div by a constant, as
+    Keras' Rescaling and Normalization layers export) to the tensor they start from."""
+    for _ in range(16):
+        tensor = source_through_copies(tensor, SPECTRUM_COPY_OPS)
+        node = producer(tensor)
+        if node is None or node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
+            return tensor
+        data = [t for t in node.inputs if not is_constant(t)]
+        if len(data) != 1 or (node.op in ("Sub", "Div") and data[0] is not node.inputs[0]):
+            return tensor
+        tensor = data[0]
+    return tensor
 
 
 def gemm_dims(node: gs.Node) -> tuple[int | None, int | None, int | None]:
