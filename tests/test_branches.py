@@ -211,3 +211,13 @@ def test_with_workers_the_branches_are_calibrated_in_this_process_and_come_out_t
     one, two = (qdq.quantize(model, data, config=QuantizeConfig(workers=w)) for w in (1, 2))
     assert qdq_ops(branch_graph(two.model)) == 2, two.report.notes
     assert dict(one.ranges.amax) == dict(two.ranges.amax)
+
+
+def test_the_build_plan_expects_int8_inside_the_branch_by_path(rng):
+    from qdq.trt_plan import node_precisions, quantized_node_names
+
+    result = qdq.quantize(if_model(rng), runs(rng, [True] * 40))
+    precisions = {n.node: n.precision for n in node_precisions(result.model)}
+    assert precisions["branch/then_branch/t1"] == "INT8" and precisions["branch/then_branch/t2"] == "INT8"
+    assert precisions["branch/else_branch/e1"] == "FP32" and precisions["c0"] == "INT8"
+    assert {"t1", "t2", "c0"} <= quantized_node_names(result.model)
