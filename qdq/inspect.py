@@ -6,6 +6,7 @@ Works on models from any tool; a model from qdq also says why each weighted laye
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,35 +66,47 @@ class Inspection:
 
 
 def inspect_model(model: onnx.ModelProto) -> Inspection:
-    index = GraphIndex(model)
-    constants = {i.name: i for i in model.graph.initializer}
+    """The model's Q/DQ, int8 readers and float layers, in If branches and Loop/Scan bodies too (named by path)."""
     metadata = {p.key: p.value for p in model.metadata_props}
     reasons = json.loads(metadata.get(REASONS_KEY, "{}"))
-
-    pairs = []
-    dequantized = set()
-    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear"):
-        dequantized.add(dq.output[0])
-        source = index.producer(dq.input[0])
-        quantize = source if source is not None and source.op_type == "QuantizeLinear" else None
-        tensor = quantize.input[0] if quantize is not None else dq.input[0]
-        kind = "weight" if tensor in constants else "activation"
-        scale = numpy_helper.to_array(constants[dq.input[1]]) if dq.input[1] in constants else np.array([np.nan])
-        zero = constants.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-        granularity = "per tensor" if scale.size <= 1 else (f"per channel (axis {attribute(dq, 'axis', 1)}, "
-                                                            f"{scale.size} channels)")
-        zp = onnx.helper.tensor_dtype_to_np_dtype(zero.data_type).name if zero is not None else "none"
-        consumers = tuple(n.name for n in index.consumers(dq.output[0]))
-        pairs.append(Pair(tensor, kind, granularity, float(np.min(scale)), float(np.max(scale)), zp, consumers))
-
-    int8_nodes, float_layers = [], []
-    for node in model.graph.node:
-        if node.op_type in QDQ_OPS:
-            continue
-        count = sum(i in dequantized for i in node.input)
-        if count:
-            int8_nodes.append((node.name, node.op_type, count, len(node.input)))
-        elif node.op_type in WEIGHTED_OPS:
-            float_layers.append((node.name, node.op_type, reasons.get(node.name, "no Q/DQ on its inputs")))
+    pairs, int8_nodes, float_layers = [], [], []
+    for where, graph, constants in graphs_in(model.graph, {}):
+        index = GraphIndex(model if graph is model.graph else onnx.helper.make_model(graph))
+        dequantized = set()
+        for dq in (n for n in graph.node if n.op_type == "DequantizeLinear"):
+            dequantized.add(dq.output[0])
+            source = index.producer(dq.input[0])
+            quantize = source if source is not None and source.op_type == "QuantizeLinear" else None
+            tensor = quantize.input[0] if quantize is not None else dq.input[0]
+            kind = "weight" if tensor in constants else "activation"
+            scale = (numpy_helper.to_array(constants[dq.input[1]]) if dq.input[1] in constants
+                     else np.array([np.nan]))
+            zero = constants.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+            granularity = "per tensor" if scale.size <= 1 else (f"per channel (axis {attribute(dq, 'axis', 1)}, "
+                                                                f"{scale.size} channels)")
+            zp = onnx.helper.tensor_dtype_to_np_dtype(zero.data_type).name if zero is not None else "none"
+            consumers = tuple(where + n.name for n in index.consumers(dq.output[0]))
+            pairs.append(Pair(where + tensor, kind, granularity, float(np.min(scale)), float(np.max(scale)), zp,
+                              consumers))
+        for node in graph.node:
+            if node.op_type in QDQ_OPS:
+                continue
+            count = sum(i in dequantized for i in node.input)
+            if count:
+                int8_nodes.append((where + node.name, node.op_type, count, len(node.input)))
+            elif node.op_type in WEIGHTED_OPS:
+                float_layers.append((where + node.name, node.op_type,
+                                     reasons.get(node.name, "no Q/DQ on its inputs")))
     pairs.sort(key=lambda p: (p.kind, p.tensor))
     return Inspection(tuple(pairs), tuple(int8_nodes), tuple(float_layers), metadata)
+
+
+def graphs_in(graph: onnx.GraphProto, outside: dict[str, onnx.TensorProto], where: str = ""
+              ) -> Iterator[tuple[str, onnx.GraphProto, dict[str, onnx.TensorProto]]]:
+    """(path, graph, the constants it sees: its own and those around it) for ``graph`` and every subgraph in it."""
+    constants = {**outside, **{i.name: i for i in graph.initializer}}
+    yield where, graph, constants
+    for node in graph.node:
+        for attribute_ in node.attribute:
+            for inner in ([attribute_.g] if attribute_.type == onnx.AttributeProto.GRAPH else attribute_.graphs):
+                yield from graphs_in(inner, constants, f"{where}{node.name}/{attribute_.name}/")

@@ -221,3 +221,13 @@ def test_the_build_plan_expects_int8_inside_the_branch_by_path(rng):
     assert precisions["branch/then_branch/t1"] == "INT8" and precisions["branch/then_branch/t2"] == "INT8"
     assert precisions["branch/else_branch/e1"] == "FP32" and precisions["c0"] == "INT8"
     assert {"t1", "t2", "c0"} <= quantized_node_names(result.model)
+
+
+def test_inspect_sees_the_pairs_and_int8_layers_inside_the_branch(rng):
+    from qdq.inspect import inspect_model
+
+    found = inspect_model(qdq.quantize(if_model(rng), runs(rng, [True] * 40)).model)
+    activations = {p.tensor for p in found.pairs if p.kind == "activation"}
+    assert {"x", "branch/then_branch/r", "branch/then_branch/t1_relu"} <= activations, activations
+    assert {"branch/then_branch/t1", "branch/then_branch/t2", "c0"} <= {n[0] for n in found.int8_nodes}
+    assert [f[0] for f in found.float_layers] == ["branch/else_branch/e1"]
