@@ -96,34 +96,16 @@ def quantize_branches(prepared: onnx.ModelProto, quantized: onnx.ModelProto, dat
     ``prepared`` is the float model the branches' inputs are computed with. Returns (branch, its
     QuantizeResult) for each branch quantized, and notes.
     """
-    branches = find_branches(prepared)
-    if not branches:
-        return [], []
-    if data is None or not data.rereadable():
-        why = "no calibration data" if data is None else f"{data.name} is a one-shot iterator, read once already"
-        return [], [f"{len(branches)} If branches left float: {why} (give a file, a folder or a list to quantize "
-                    "them)"]
-    try:
-        probe = BranchProbe(prepared, branches)
-        counts = probe.count(data)
-    except QdqError as exc:
-        return [], [f"{len(branches)} If branches left float: {first_line(exc)}"]
     done, notes = [], []
-    for branch in branches:
-        if not counts[branch]:
-            notes.append(f"{branch.where} left float: no calibration run takes it")
-            continue
+    for branch, model, runs in branch_models(prepared, data, notes):
+        known = [] if given is None else [n for n in given if n in defined_names(model.graph)]
         try:
-            outputs = [o.name for o in graph_of(prepared, branch).output]
-            model = branch_model(prepared, branch, probe.types([*branch.reads, *outputs]))
-            known = [] if given is None else [n for n in given if n in defined_names(model.graph)]
             # FP32 inside: the FP16 pass rewrites a model's inputs, which here are the If's outer names. One
             # process: the branch's runs come from a session in this one, which shards cannot take along.
             with silenced(logging.getLogger("qdq")):  # its notes come back below, saying which branch they are about
-                result = quantize(model, BranchRuns(probe, data, branch, counts[branch]),
-                                  config=dataclasses.replace(config, target_sqnr=None, max_top1_drop=None,
-                                                             high_precision="fp32", workers=1, ray_address=None),
-                                  ranges=given.subset(known) if known else None)
+                result = quantize(model, runs, config=dataclasses.replace(
+                    config, target_sqnr=None, max_top1_drop=None, high_precision="fp32", workers=1,
+                    ray_address=None), ranges=given.subset(known) if known else None)
         except QdqError as exc:  # a branch left float is always a valid model; the rest goes on
             notes.append(f"{branch.where} left float: {first_line(exc)}")
             continue
@@ -132,12 +114,59 @@ def quantize_branches(prepared: onnx.ModelProto, quantized: onnx.ModelProto, dat
             continue
         put_back(quantized, branch, result.model)
         done.append((branch, result))
-        notes.append(f"{branch.where}, on the {counts[branch]} calibration runs that take it: quantized "
+        notes.append(f"{branch.where}, on the {len(runs)} calibration runs that take it: quantized "
                      f"{result.report.quantized_nodes} of {result.report.total_nodes} nodes")
         notes += [f"{branch.where}: {note}" for note in result.report.notes]
     for note in notes:
         log.info("%s", note)
     return done, notes
+
+
+def calibrate_branches(prepared: onnx.ModelProto, data: Dataset | None, config: QuantizeConfig,
+                       calibrate: Callable[..., TensorRanges]) -> tuple[list[TensorRanges], list[str]]:
+    """The ranges of each top-level If branch's tensors that ``quantize`` would quantize, as ``calibrate`` (qdq's
+    own, the caller) finds them on the runs that take the branch; and notes. For ``qdq ranges``."""
+    found, notes = [], []
+    for branch, model, runs in branch_models(prepared, data, notes):
+        try:
+            with silenced(logging.getLogger("qdq")):
+                found.append(calibrate(model, runs, config=dataclasses.replace(config, workers=1, ray_address=None)))
+        except QdqError as exc:
+            notes.append(f"{branch.where} has no ranges: {first_line(exc)}")
+    for note in notes:
+        log.info("%s", note)
+    return found, notes
+
+
+def branch_models(prepared: onnx.ModelProto, data: Dataset | None, notes: list[str]
+                  ) -> Iterator[tuple[Branch, onnx.ModelProto, BranchRuns]]:
+    """Each top-level If branch that calibration runs take, as a model and the runs for it; why the others are left
+    out goes into ``notes``."""
+    branches = find_branches(prepared)
+    if not branches:
+        return
+    if data is None or not data.rereadable():
+        why = "no calibration data" if data is None else f"{data.name} is a one-shot iterator, read once already"
+        notes.append(f"{len(branches)} If branches left float: {why} (give a file, a folder or a list to quantize "
+                     "them)")
+        return
+    try:
+        probe = BranchProbe(prepared, branches)
+        counts = probe.count(data)
+    except QdqError as exc:
+        notes.append(f"{len(branches)} If branches left float: {first_line(exc)}")
+        return
+    for branch in branches:
+        if not counts[branch]:
+            notes.append(f"{branch.where} left float: no calibration run takes it")
+            continue
+        try:
+            outputs = [o.name for o in graph_of(prepared, branch).output]
+            model = branch_model(prepared, branch, probe.types([*branch.reads, *outputs]))
+        except QdqError as exc:
+            notes.append(f"{branch.where} left float: {first_line(exc)}")
+            continue
+        yield branch, model, BranchRuns(probe, data, branch, counts[branch])
 
 
 @contextlib.contextmanager

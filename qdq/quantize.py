@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from qdq import __version__
-from qdq.branches import defined_names, quantize_branches
+from qdq.branches import calibrate_branches, defined_names, quantize_branches
 from qdq.calibrate.collect import collect_ranges
 from qdq.calibrate.data import DataLike, Dataset, input_specs, open_data
 from qdq.check import check_model
@@ -207,14 +207,18 @@ def calibrate(
     config: QuantizeConfig | None = None,
     progress: bool = False,
 ) -> TensorRanges:
-    """The ranges ``quantize`` would use for ``model`` on this data, without inserting Q/DQ (for range files)."""
+    """The ranges ``quantize`` would use for ``model`` on this data, without inserting Q/DQ (for range files); If
+    branches' tensors included, each measured on the runs that take its branch."""
     config = checked_config(config)
     source = load_model(model)
     prepared, notes = prepare(source, config.quant_scheme())
     check_loads(prepared, source, model)
     calibration = open_data(calibration_data, input_specs(prepared), config.batch_size)
     plan = plan_quantization(prepared, config.placement())
-    return plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
+    ranges = plan_ranges(prepared, plan, calibration, config, None, notes, progress=progress)
+    for inside in calibrate_branches(prepared, calibration, config, calibrate)[0]:
+        ranges = ranges.merged(inside)
+    return ranges
 
 
 def meet_target(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRanges, evaluation: Dataset | None,

@@ -231,3 +231,12 @@ def test_inspect_sees_the_pairs_and_int8_layers_inside_the_branch(rng):
     assert {"x", "branch/then_branch/r", "branch/then_branch/t1_relu"} <= activations, activations
     assert {"branch/then_branch/t1", "branch/then_branch/t2", "c0"} <= {n[0] for n in found.int8_nodes}
     assert [f[0] for f in found.float_layers] == ["branch/else_branch/e1"]
+
+
+def test_calibrate_gives_the_branch_tensors_the_ranges_quantize_uses(rng):
+    model = if_model(rng)
+    data = runs(rng, [True] * 40)
+    ranges = qdq.calibrate(model, data)
+    used = qdq.quantize(model, data, config=QuantizeConfig(optimize=0)).ranges
+    assert {"x", "r", "t1_relu"} <= set(ranges)
+    assert {n: ranges.amax[n] for n in ("x", "r", "t1_relu")} == {n: used.amax[n] for n in ("x", "r", "t1_relu")}
