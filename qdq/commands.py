@@ -285,6 +285,11 @@ def print_comparison(comparison: Comparison, source: str | None, *, full: bool =
         agree = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%"
         more = f"  {o.cosine:>9.6f}  {o.mean_abs_error:>12.4g}" if full else ""
         say(f"  {o.name:<{width}}  {o.sqnr_db:>8.2f}  {o.max_abs_error:>11.4g}  {agree:>11}{more}")
+    for o in comparison.outputs:
+        if o.shape_mismatches:
+            say(f"  {o.name}: float and {quantized} gave it different shapes on {o.shape_mismatches} runs (a length "
+                "that depends on the values, as detections above a threshold): "
+                + ("its figures cover the other runs" if not math.isnan(o.sqnr_db) else "no run to compare it on"))
     if comparison.float_accuracy is not None and comparison.quant_accuracy is not None:
         say(f"accuracy: float {100 * comparison.float_accuracy:.2f}%  "
             f"{quantized} {100 * comparison.quant_accuracy:.2f}%")

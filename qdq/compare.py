@@ -35,6 +35,9 @@ class OutputMetrics:
     mean_abs_error: float = 0.0
     cosine: float = 1.0
     top1_agreement: float | None = None
+    # Runs where float and quantized gave this output different shapes (a data-dependent length: detections above
+    # a score threshold); the figures cover the other runs, and are NaN when there are none.
+    shape_mismatches: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,13 @@ class OutputAccumulator:
 
     def __init__(self) -> None:
         self.signal = self.noise = self.test_energy = self.dot = self.abs_sum = self.max_abs = 0.0
-        self.count = self.agree = self.rows = 0
+        self.count = self.agree = self.rows = self.mismatches = self.matched = 0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        if np.shape(ref) != np.shape(test):
+            self.mismatches += 1
+            return
+        self.matched += 1
         ref64, test64 = ref.astype(np.float64).ravel(), test.astype(np.float64).ravel()
         diff = ref64 - test64
         self.signal += float(ref64 @ ref64)
@@ -71,11 +78,20 @@ class OutputAccumulator:
             self.rows += ref.shape[0]
 
     def metrics(self, name: str) -> OutputMetrics:
+        if self.mismatches and not self.matched:
+            return OutputMetrics(name, math.nan, math.nan, math.nan, math.nan, None, self.mismatches)
         sqnr = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
         norms = math.sqrt(self.signal * self.test_energy)
         cosine = self.dot / norms if norms else (1.0 if self.noise == 0 else 0.0)
         return OutputMetrics(name, sqnr, self.max_abs, self.abs_sum / max(self.count, 1), cosine,
-                             self.agree / self.rows if self.rows else None)
+                             self.agree / self.rows if self.rows else None, self.mismatches)
+
+
+def worst_sqnr(outputs: list[OutputMetrics] | tuple[OutputMetrics, ...]) -> float:
+    """The lowest SQNR among the outputs that could be compared (NaN when none could: every run gave float and
+    quantized different shapes)."""
+    values = [o.sqnr_db for o in outputs if not math.isnan(o.sqnr_db)]
+    return min(values) if values else math.nan
 
 
 def is_classifier_output(x: np.ndarray) -> bool:

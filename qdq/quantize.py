@@ -28,6 +28,7 @@ from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.ops import CONTROL_FLOW_OPS, WEIGHTED_OPS
 from qdq.optimize.pipeline import after_calibration, before_calibration, describe_techniques, refine_plan
+from qdq.passes.attributes import DropEmptyAxes
 from qdq.passes.base import run_passes
 from qdq.passes.fold_batchnorm import FoldBatchNorm
 from qdq.passes.fold_constants import FoldConstants
@@ -89,8 +90,8 @@ def prepare(model: onnx.ModelProto, scheme: Scheme = INT8) -> tuple[onnx.ModelPr
     This is the graph placement sees and the output is built from.
     """
     refuse_quantized(model)
-    return run_passes(model, [UpgradeOpset(scheme.min_opset), FoldConstants(), RemoveIdentities(), FoldBatchNorm(),
-                              InferShapes(), NameNodes()])
+    return run_passes(model, [DropEmptyAxes(), UpgradeOpset(scheme.min_opset), FoldConstants(), RemoveIdentities(),
+                              FoldBatchNorm(), InferShapes(), NameNodes()])
 
 
 def quantize(

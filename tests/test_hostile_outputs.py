@@ -237,3 +237,30 @@ def test_failing_runs_leave_every_file_byte_identical(folder, capsys, monkeypatc
         assert code != 0, f"{name}: expected a failure, got exit 0"
         assert "internal error" not in err, f"{name}: {err}"
         assert snapshot(folder) == before, f"{name}: a failed run changed the folder"
+
+
+# A detector's head: scores kept above a threshold, so the output's length depends on the values; INT8 rounding
+# moves some scores across the threshold (as torchvision's score_thresh before NMS).
+THRESHOLDED = """<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 8, 8, 8] x) => (float[n] kept, float[1, 16, 8, 8] s) <float[16, 8, 3, 3] w = {0.0},
+    int64[1] flat = {-1}, float threshold = {2.0}> {
+  s = Conv <pads = [1, 1, 1, 1]> (x, w)
+  f = Reshape (s, flat)
+  keep = Greater (f, threshold)
+  kept = Compress <axis = 0> (f, keep)
+}"""
+
+
+def test_an_output_whose_length_depends_on_its_values_is_compared_where_the_shapes_agree(rng, capsys, tmp_path):
+    model = parse(THRESHOLDED, rng)
+    x = rng.normal(size=(64, 1, 8, 8, 8)).astype(np.float32)  # stacked runs of batch 1
+    result = qdq.quantize(model, {"x": x}, evaluation_data={"x": x})
+    kept, s = result.report.comparison.outputs
+    assert kept.shape_mismatches > 0, "some scores must have crossed the threshold for this test to test anything"
+    assert kept.shape_mismatches < 64 and not np.isnan(kept.sqnr_db), "the runs of equal length are compared"
+    assert s.shape_mismatches == 0 and s.sqnr_db > 30
+    path, data = tmp_path / "m.onnx", tmp_path / "x.npz"
+    onnx.save(model, path)
+    np.savez(data, x=x)
+    code, out, _ = run(capsys, "quantize", path, "--calib", data, "-o", tmp_path / "q.onnx")
+    assert code == 0 and "kept: float and int8 gave it different shapes on" in out, out

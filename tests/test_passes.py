@@ -9,6 +9,7 @@ import pytest
 from conftest import nodes_by_op, parse, run_ort, with_random_weights
 from test_quantize_graphs import GEMM
 
+import qdq
 from qdq.errors import CalibrationError
 from qdq.graph import default_opset
 from qdq.passes.base import Pass, PassError, PassResult, Pipeline, run_passes
@@ -270,3 +271,22 @@ def test_pipeline_is_a_pass_and_names_the_failing_pass():
         Pipeline([inner, Fails()])(parse(UNNAMED))
     result = Pipeline([inner], until_fixed=True)(parse(UNNAMED))
     assert result.notes == ("named 2 unnamed or duplicated nodes",), "the second round changes nothing"
+
+
+def test_an_empty_reduce_axes_attribute_is_dropped_and_the_model_quantizes(rng):
+    """torch.jit.script exports x.amax() as ReduceMax with axes=[]: valid ONNX that graphsurgeon cannot write back."""
+    w = onnx.numpy_helper.from_array(rng.normal(size=(8, 16, 3, 3)).astype(np.float32), "wt")
+    nodes = [onnx.helper.make_node("Transpose", ["wt"], ["w"], perm=[1, 0, 2, 3]),  # something to fold
+             onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("ReduceMax", ["y"], ["peak"], keepdims=0)]
+    nodes[-1].attribute.append(onnx.helper.make_attribute("axes", [], attr_type=onnx.AttributeProto.INTS))
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                    ["N", 8, 6, 6])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16, 6, 6]),
+                                    onnx.helper.make_tensor_value_info("peak", onnx.TensorProto.FLOAT, [])], [w])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    data = {"x": rng.normal(size=(8, 8, 6, 6)).astype(np.float32)}
+    result = qdq.quantize(model, data, evaluation_data=data)
+    assert any("dropped the empty axes attribute of 1 Reduce nodes" in n for n in result.report.notes)
+    assert all(o.sqnr_db > 30 for o in result.report.comparison.outputs), result.report.comparison

@@ -8,7 +8,7 @@ import onnx
 
 from qdq.calibrate.collect import collect_ranges
 from qdq.calibrate.data import Dataset
-from qdq.compare import compare_models
+from qdq.compare import compare_models, worst_sqnr
 from qdq.config import QuantizeConfig
 from qdq.errors import DataError
 from qdq.graph import tensor_bytes
@@ -96,7 +96,7 @@ def equalized_if_better(model: onnx.ModelProto, plan: QuantPlan, data: Dataset |
 
     def score(variant: onnx.ModelProto) -> float:
         ranges = collect_ranges(variant, names, check, config.calibration(), plan=plan).shared(plan.shared_scales)
-        return min(o.sqnr_db for o in compare_models(reference, quantized_model(variant, plan, ranges), check).outputs)
+        return worst_sqnr(compare_models(reference, quantized_model(variant, plan, ranges), check).outputs)
 
     without, with_ = score(model), score(balanced)
     if unmeasurable := not_measured("equalization", check.name, without, with_):

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from qdq.calibrate.data import Batch, Dataset
-from qdq.compare import OutputAccumulator, compare_models
+from qdq.compare import OutputAccumulator, compare_models, worst_sqnr
 from qdq.optimize.adaround import learned_rounding, nearest
 from qdq.optimize.bias_correction import apply_correction
 from qdq.optimize.layers import Layer, find_layers, initializer_values, replace_initializer
@@ -66,7 +66,7 @@ def optimize_weights(model: onnx.ModelProto, plan: QuantPlan, ranges: TensorRang
             return out, [*notes, note]
         check = data.head(CHECK_SAMPLES)
         comparison = compare_models(uncorrected.session, quantized_model(corrected, plan, ranges), check)
-        without, with_ = uncorrected.sqnr(), min(o.sqnr_db for o in comparison.outputs)
+        without, with_ = uncorrected.sqnr(), worst_sqnr(comparison.outputs)
         if unmeasurable := not_measured("bias correction", check.name, without, with_):
             notes.append(unmeasurable)
         elif with_ >= without:
@@ -96,7 +96,7 @@ class OutputCheck:
             self.sums[name].update(expected, outputs[name])
 
     def sqnr(self) -> float:
-        return min(self.sums[name].metrics(name).sqnr_db for name in self.names)
+        return worst_sqnr([self.sums[name].metrics(name) for name in self.names])
 
 
 def rounded_if_better(out: onnx.ModelProto, model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan,
@@ -116,7 +116,7 @@ def rounded_if_better(out: onnx.ModelProto, model: onnx.ModelProto, layers: list
     note = round_weights(rounded, layers, plan, ranges, data, original, iterations, on_outputs=nearest_check)
     check = data.head(CHECK_SAMPLES)
     comparison = compare_models(nearest_check.session, quantized_model(rounded, plan, ranges), check)
-    without, with_ = nearest_check.sqnr(), min(o.sqnr_db for o in comparison.outputs)
+    without, with_ = nearest_check.sqnr(), worst_sqnr(comparison.outputs)
     if unmeasurable := not_measured("learned rounding", check.name, without, with_):
         return False, unmeasurable
     if with_ < without:
@@ -128,11 +128,11 @@ def rounded_if_better(out: onnx.ModelProto, model: onnx.ModelProto, layers: list
 
 def not_measured(technique: str, data: str, without: float, with_: float) -> str | None:
     """The note for a keep-or-drop check that cannot decide: an output SQNR is NaN (non-finite calibration data
-    that calibration itself only warned about)."""
+    that calibration itself only warned about, or outputs whose float and quantized shapes always differ)."""
     if not (np.isnan(without) or np.isnan(with_)):
         return None
-    return (f"{technique} left out: the model's outputs on {data} are not finite, so whether it brings them closer "
-            "cannot be measured")
+    return (f"{technique} left out: the model's outputs on {data} are not finite, or have shapes that depend on their "
+            "values, so whether it brings them closer cannot be measured")
 
 
 def round_weights(model: onnx.ModelProto, layers: list[Layer], plan: QuantPlan, ranges: TensorRanges,
