@@ -29,6 +29,7 @@ from qdq.config import QuantizeConfig
 from qdq.errors import DataError, ModelError, QdqError
 from qdq.graph import fresh_name, subgraphs, undefined_inputs
 from qdq.model_io import first_line
+from qdq.ops import WEIGHTED_OPS
 from qdq.ranges import TensorRanges
 from qdq.runtime import session_exposing
 
@@ -69,6 +70,11 @@ def find_branches(model: onnx.ModelProto) -> list[Branch]:
                 found.append(Branch(node.name, attribute.name, tuple(n for n in reads if n not in initializers),
                                     tuple(n for n in reads if n in initializers)))
     return found
+
+
+def layers_in(graph: onnx.GraphProto) -> bool:
+    """Whether ``graph``, or a subgraph in it, holds a layer qdq quantizes."""
+    return any(n.op_type in WEIGHTED_OPS or any(layers_in(g) for g in subgraphs(n)) for n in graph.node)
 
 
 def outer_reads(graph: onnx.GraphProto) -> list[str]:
@@ -157,6 +163,9 @@ def branch_models(prepared: onnx.ModelProto, data: Dataset | None, notes: list[s
         notes.append(f"{len(branches)} If branches left float: {first_line(exc)}")
         return
     for branch in branches:
+        if not layers_in(graph_of(prepared, branch)):
+            notes.append(f"{branch.where}: nothing to quantize in it (no Conv, ConvTranspose, Gemm or MatMul)")
+            continue
         if not counts[branch]:
             notes.append(f"{branch.where} left float: no calibration run takes it")
             continue

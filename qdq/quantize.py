@@ -156,7 +156,12 @@ def quantize(
     quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme)(working).model
     branches, branch_notes = quantize_branches(prepared, quantized, calibration, config, ranges, quantize)
     notes.extend(branch_notes)
-    for _, branch in branches:
+    for where, branch in branches:
+        if clashes := [n for n in branch.ranges if n in used and used.amax[n] != branch.ranges.amax[n]]:
+            # Each branch calibrates an outer tensor it quantizes on its own runs; a range file has one entry.
+            more = f" and {len(clashes) - 1} more" if len(clashes) > 1 else ""
+            notes.append(f"{where.where} quantizes {shown(clashes[0])}{more} with a range of its own; saved ranges "
+                         "keep the first, and given back they apply it everywhere")
         used = used.merged(branch.ranges)
     inside = [branch.report for _, branch in branches]
     if not plan and not any(r.quantized_nodes for r in inside):

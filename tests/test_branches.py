@@ -137,6 +137,8 @@ def test_each_branch_is_calibrated_on_the_runs_that_take_it_and_names_stay_uniqu
     assert not (names[0] & names[1]) and not (names[0] & outside) and not (names[1] & outside)
     assert set(outer_reads(then_graph)) <= outside | {i.name for i in result.model.graph.input}
     assert all(o.sqnr_db > 30 for o in result.report.comparison.outputs), result.report.comparison.outputs
+    # r has three ranges (outside, and in each branch on its own runs): a range file holds one, and says so.
+    assert any("quantizes 'r' with a range of its own" in n for n in result.report.notes), result.report.notes
 
 
 def test_an_if_inside_a_branch_whose_output_declares_no_type_is_quantized_too(rng):
@@ -240,3 +242,18 @@ def test_calibrate_gives_the_branch_tensors_the_ranges_quantize_uses(rng):
     used = qdq.quantize(model, data, config=QuantizeConfig(optimize=0)).ranges
     assert {"x", "r", "t1_relu"} <= set(ranges)
     assert {n: ranges.amax[n] for n in ("x", "r", "t1_relu")} == {n: used.amax[n] for n in ("x", "r", "t1_relu")}
+
+
+def test_a_branch_without_layers_is_said_to_have_nothing_to_quantize(rng):
+    """torchvision's batched NMS returns a Constant in its "no boxes" branch: no model to build, nothing to say
+    but that."""
+    model = if_model(rng)
+    node = next(n for n in model.graph.node if n.op_type == "If")
+    empty = onnx.helper.make_graph(
+        [onnx.helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(
+            np.zeros((1, C, 12, 12), np.float32)))], "else", [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", C, 12, 12])])
+    next(a for a in node.attribute if a.name == "else_branch").g.CopyFrom(empty)
+    notes = qdq.quantize(model, runs(rng, [False] * 8)).report.notes
+    assert any("else branch: nothing to quantize in it" in n for n in notes), notes
+    assert not any("else branch left float" in n for n in notes), notes
