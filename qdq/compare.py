@@ -38,6 +38,7 @@ class OutputMetrics:
     # Runs where float and quantized gave this output different shapes (a data-dependent length: detections above
     # a score threshold); the figures cover the other runs, and are NaN when there are none.
     shape_mismatches: int = 0
+    integer: bool = False  # an integer output (class ids, indices): SQNR says little, so nothing warns on it
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,14 @@ class OutputAccumulator:
     def __init__(self) -> None:
         self.signal = self.noise = self.test_energy = self.dot = self.abs_sum = self.max_abs = 0.0
         self.count = self.agree = self.rows = self.mismatches = self.matched = 0
+        self.integer = False
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
         if np.shape(ref) != np.shape(test):
             self.mismatches += 1
             return
         self.matched += 1
+        self.integer = not np.issubdtype(np.asarray(ref).dtype, np.floating)
         ref64, test64 = ref.astype(np.float64).ravel(), test.astype(np.float64).ravel()
         diff = ref64 - test64
         self.signal += float(ref64 @ ref64)
@@ -79,12 +82,12 @@ class OutputAccumulator:
 
     def metrics(self, name: str) -> OutputMetrics:
         if self.mismatches and not self.matched:
-            return OutputMetrics(name, math.nan, math.nan, math.nan, math.nan, None, self.mismatches)
+            return OutputMetrics(name, math.nan, math.nan, math.nan, math.nan, None, self.mismatches, self.integer)
         sqnr = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
         norms = math.sqrt(self.signal * self.test_energy)
         cosine = self.dot / norms if norms else (1.0 if self.noise == 0 else 0.0)
         return OutputMetrics(name, sqnr, self.max_abs, self.abs_sum / max(self.count, 1), cosine,
-                             self.agree / self.rows if self.rows else None, self.mismatches)
+                             self.agree / self.rows if self.rows else None, self.mismatches, self.integer)
 
 
 def worst_sqnr(outputs: list[OutputMetrics] | tuple[OutputMetrics, ...]) -> float:

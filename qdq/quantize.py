@@ -162,7 +162,8 @@ def quantize(
             more = f" and {len(clashes) - 1} more" if len(clashes) > 1 else ""
             notes.append(f"{where.where} quantizes {shown(clashes[0])}{more} with a range of its own; saved ranges "
                          "keep the first, and given back they apply it everywhere")
-        used = used.merged(branch.ranges)
+            log.info("%s", notes[-1])
+        used = dataclasses.replace(used.merged(branch.ranges), samples=used.samples or branch.ranges.samples)
     inside = [branch.report for _, branch in branches]
     if not plan and not any(r.quantized_nodes for r in inside):
         notes.append(f"nothing to quantize: {why_nothing_to_quantize(prepared, plan)}; the output is the prepared "
@@ -178,7 +179,7 @@ def quantize(
     check_quantized(quantized)
     comparison = None if evaluation is None else compare_models(
         float_session or prepared, quantized, evaluation, labels, progress=progress)
-    if comparison is not None and (low := [o for o in comparison.outputs if o.sqnr_db < LOW_SQNR_DB]):
+    if comparison is not None and (low := [o for o in comparison.outputs if o.sqnr_db < LOW_SQNR_DB and not o.integer]):
         warning = (f"{', '.join(f'{shown(o.name)} reads {o.sqnr_db:.1f} dB' for o in low)} against the float model "
                    f"(below {LOW_SQNR_DB:g} dB): `qdq sensitivity MODEL --calib DATA` ranks the layers by what they "
                    "cost, and --exclude-nodes leaves the worst float")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from conftest import DIGITS, ROOT, parse
+from conftest import DIGITS, ROOT, nodes_by_op, parse
 from conftest import run_cli as run
 
 import qdq.commands
@@ -264,3 +265,60 @@ def test_an_output_whose_length_depends_on_its_values_is_compared_where_the_shap
     np.savez(data, x=x)
     code, out, _ = run(capsys, "quantize", path, "--calib", data, "-o", tmp_path / "q.onnx")
     assert code == 0 and "kept: float and int8 gave it different shapes on" in out, out
+
+
+def no_detections_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """FCOS-style post-processing: the boxes whose score passes a threshold (none here), reshaped through
+    [M, 2, 2] by shapes computed from Shape, as torchvision's export at opset 17 writes it."""
+    h, T = onnx.helper, onnx.TensorProto
+
+    def ints(name, values):
+        return onnx.numpy_helper.from_array(np.array(values, np.int64), name)
+    nodes = [h.make_node("Conv", ["x", "w"], ["f"], pads=[1, 1, 1, 1]),
+             h.make_node("Reshape", ["f", "rows5"], ["p"]),
+             h.make_node("Slice", ["p", "i0", "i4", "i1"], ["boxes_all"]),
+             h.make_node("Slice", ["p", "i4", "i5", "i1"], ["score2d"]),
+             h.make_node("Reshape", ["score2d", "flat"], ["score"]),
+             h.make_node("Greater", ["score", "threshold"], ["keep"]),
+             h.make_node("NonZero", ["keep"], ["nz"]),
+             h.make_node("Reshape", ["nz", "flat"], ["idx"]),
+             h.make_node("Gather", ["boxes_all", "idx"], ["b"], axis=0),
+             h.make_node("Shape", ["b"], ["sb"]),
+             h.make_node("Gather", ["sb", "z0"], ["d0"], axis=0),
+             h.make_node("Gather", ["sb", "z1"], ["d1"], axis=0),
+             h.make_node("Unsqueeze", ["d0", "ax0"], ["u0"]),
+             h.make_node("Unsqueeze", ["d1", "ax0"], ["u1"]),
+             h.make_node("Concat", ["u0", "two", "two"], ["s3"], axis=0),
+             h.make_node("Reshape", ["b", "s3"], ["c"]),
+             h.make_node("Concat", ["u0", "u1"], ["s2"], axis=0),
+             h.make_node("Reshape", ["c", "s2"], ["boxes"])]
+    inits = [onnx.numpy_helper.from_array((rng.standard_normal((5, 3, 3, 3)) * 0.2).astype(np.float32), "w"),
+             ints("rows5", [-1, 5]), ints("flat", [-1]), ints("i0", [0]), ints("i1", [1]), ints("i4", [4]),
+             ints("i5", [5]), onnx.numpy_helper.from_array(np.array(100.0, np.float32), "threshold"),
+             ints("z0", 0), ints("z1", 1), ints("ax0", [0]), ints("two", [2])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                         [h.make_tensor_value_info("boxes", T.FLOAT, ["M", 4])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_detector_that_keeps_no_box_quantizes_and_its_output_runs_with_ort_optimisations(rng):
+    """With data-propagated shapes in its value_info, ONNX Runtime's optimiser rewrote the last Reshape to
+    [0, -1], which an empty tensor cannot take: calibration failed (torchvision's FCOS and RetinaNet at opset 17),
+    and a model written with them would fail for its users on an image without detections."""
+    data = {"x": rng.random((16, 3, 8, 8), dtype=np.float32)}
+    result = qdq.quantize(no_detections_model(rng), data)
+    assert nodes_by_op(result.model, "QuantizeLinear")
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": data["x"][:1]})[0].shape == (0, 4)
+
+
+def test_an_integer_output_is_marked_so_no_low_sqnr_warning_reads_class_ids_as_a_signal():
+    from qdq.compare import OutputAccumulator
+
+    labels = OutputAccumulator()
+    labels.update(np.array([[3], [7]], np.int64), np.array([[3], [2]], np.int64))
+    scores = OutputAccumulator()
+    scores.update(np.array([0.5, 0.25], np.float32), np.array([0.5, 0.5], np.float32))
+    assert labels.metrics("labels").integer and not scores.metrics("scores").integer
