@@ -148,7 +148,12 @@ def branch_models(prepared: onnx.ModelProto, data: Dataset | None, notes: list[s
                   ) -> Iterator[tuple[Branch, onnx.ModelProto, BranchRuns]]:
     """Each top-level If branch that calibration runs take, as a model and the runs for it; why the others are left
     out goes into ``notes``."""
-    branches = find_branches(prepared)
+    branches = []
+    for branch in find_branches(prepared):
+        if layers_in(graph_of(prepared, branch)):
+            branches.append(branch)
+        else:  # not built as a model, and no run of the data for it
+            notes.append(f"{branch.where}: nothing to quantize in it (no Conv, ConvTranspose, Gemm or MatMul)")
     if not branches:
         return
     if data is None or not data.rereadable():
@@ -163,9 +168,6 @@ def branch_models(prepared: onnx.ModelProto, data: Dataset | None, notes: list[s
         notes.append(f"{len(branches)} If branches left float: {first_line(exc)}")
         return
     for branch in branches:
-        if not layers_in(graph_of(prepared, branch)):
-            notes.append(f"{branch.where}: nothing to quantize in it (no Conv, ConvTranspose, Gemm or MatMul)")
-            continue
         if not counts[branch]:
             notes.append(f"{branch.where} left float: no calibration run takes it")
             continue
