@@ -156,15 +156,15 @@ def quantize(
     quantized = MaterializeQDQ(plan, used, weights=config.weights, scheme=scheme)(working).model
     branches, branch_notes = quantize_branches(prepared, quantized, calibration, config, ranges, quantize)
     notes.extend(branch_notes)
-    for where, branch in branches:
-        if clashes := [n for n in branch.ranges if n in used and used.amax[n] != branch.ranges.amax[n]]:
+    for branch, inner in branches:
+        if clashes := [n for n in inner.ranges if n in used and used.amax[n] != inner.ranges.amax[n]]:
             # Each branch calibrates an outer tensor it quantizes on its own runs; a range file has one entry.
             more = f" and {len(clashes) - 1} more" if len(clashes) > 1 else ""
-            notes.append(f"{where.where} quantizes {shown(clashes[0])}{more} with a range of its own; saved ranges "
+            notes.append(f"{branch.where} quantizes {shown(clashes[0])}{more} with a range of its own; saved ranges "
                          "keep the first, and given back they apply it everywhere")
             log.info("%s", notes[-1])
-        used = dataclasses.replace(used.merged(branch.ranges), samples=used.samples or branch.ranges.samples)
-    inside = [branch.report for _, branch in branches]
+        used = dataclasses.replace(used.merged(inner.ranges), samples=used.samples or inner.ranges.samples)
+    inside = [inner.report for _, inner in branches]
     if not plan and not any(r.quantized_nodes for r in inside):
         notes.append(f"nothing to quantize: {why_nothing_to_quantize(prepared, plan)}; the output is the prepared "
                      "float model")
