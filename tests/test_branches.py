@@ -257,3 +257,17 @@ def test_a_branch_without_layers_is_said_to_have_nothing_to_quantize(rng):
     notes = qdq.quantize(model, runs(rng, [False] * 8)).report.notes
     assert any("else branch: nothing to quantize in it" in n for n in notes), notes
     assert not any("else branch left float" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("rereadable", [True, False], ids=["branches quantized", "branches float"])
+def test_fp16_keeps_what_the_branches_read_in_fp32(rng, rereadable):
+    """The FP16 pass rewrites the main graph: an outer tensor a branch reads stays FP32 under its name (the FP16
+    producer writes a renamed tensor, cast back), and the If itself stays FP32. It once failed the ONNX check
+    (a branch's Conv or QuantizeLinear read FP16) whether or not the branches were quantized."""
+    model = if_model(rng, side=True)
+    data = runs(rng, [True, False] * 20)
+    result = qdq.quantize(model, data if rereadable else iter(data), config=QuantizeConfig(high_precision="fp16"),
+                          evaluation_data=runs(rng, [True, False] * 4))
+    assert all(o.sqnr_db > 30 for o in result.report.comparison.outputs), result.report.comparison.outputs
+    assert any(n.op_type == "Cast" and n.output[0] == "r" for n in result.model.graph.node), \
+        "r, which the branches read, is cast back to FP32 under its own name"

@@ -22,8 +22,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qdq.attention import is_mask_add
-from qdq.graph import GraphIndex, default_opset, fresh_name, sort_nodes
-from qdq.ops import ARITHMETIC_OPS, FP16_FRAGILE_OPS, NORMALIZATION_OPS, QDQ_OPS, SOFTMAX_OPS
+from qdq.graph import GraphIndex, default_opset, fresh_name, sort_nodes, subgraph_reads
+from qdq.ops import ARITHMETIC_OPS, CONTROL_FLOW_OPS, FP16_FRAGILE_OPS, NORMALIZATION_OPS, QDQ_OPS, SOFTMAX_OPS
 from qdq.passes.base import Pass, PassError, PassResult
 
 FP32, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -80,6 +80,8 @@ def float_node(node: onnx.NodeProto, types: dict[str, int]) -> bool:
 def wants_fp16(node: onnx.NodeProto, links: GraphIndex, types: dict[str, int]) -> bool:
     if node.op_type in QDQ_OPS or node.op_type in FP16_FRAGILE_OPS or node.domain not in ("", "ai.onnx"):
         return False
+    if node.op_type in CONTROL_FLOW_OPS:
+        return False  # its subgraphs stay FP32 (this pass rewrites the main graph), and so do their outputs
     if not float_node(node, types) or node.op_type == "Cast":
         return False
     if node.op_type in ARITHMETIC_OPS and near_fp32_core(node, links):
@@ -182,14 +184,17 @@ def rewrite(model: onnx.ModelProto, half: dict[str, bool], types: dict[str, int]
                     node.input[i] = half_initializer(name)
                 elif current != wanted:
                     node.input[i] = cast(name, wanted)
-    # Graph outputs keep their float32 type: an FP16 producer writes to a renamed tensor, cast back.
-    for output in graph.output:
-        if output.name in produced_half:
-            inner = fresh_name(f"{output.name}_fp16", taken)
+    # Graph outputs, and tensors that If branches or loop bodies read (they stay FP32), keep their float32 type:
+    # an FP16 producer writes to a renamed tensor, cast back.
+    kept = [o.name for o in graph.output] + sorted({name for n in graph.node for name in subgraph_reads(n)})
+    for name in dict.fromkeys(kept):
+        if name in produced_half:
+            inner = fresh_name(f"{name}_fp16", taken)
             for node in graph.node:
-                node.output[:] = [inner if o == output.name else o for o in node.output]
-                node.input[:] = [inner if i == output.name else i for i in node.input]
-            new_nodes.append(helper.make_node("Cast", [inner], [output.name], name=f"{output.name}_Cast", to=FP32))
+                node.output[:] = [inner if o == name else o for o in node.output]
+                node.input[:] = [inner if i == name else i for i in node.input]
+            new_nodes.append(helper.make_node("Cast", [inner], [name], name=fresh_name(f"{name}_Cast", taken),
+                                              to=FP32))
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     del graph.value_info[:]
