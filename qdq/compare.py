@@ -91,10 +91,13 @@ class OutputAccumulator:
 
 
 def worst_sqnr(outputs: list[OutputMetrics] | tuple[OutputMetrics, ...]) -> float:
-    """The lowest SQNR among the outputs that could be compared (NaN when none could: every run gave float and
-    quantized different shapes)."""
-    values = [o.sqnr_db for o in outputs if not math.isnan(o.sqnr_db)]
-    return min(values) if values else math.nan
+    """The lowest SQNR of the float outputs, for keep-or-drop checks; NaN when one is NaN from non-finite values
+    (nothing can be decided) or none could be compared. Integer outputs (token ids, lengths) do not count: one
+    flipped id reads as 0.4 dB. Nor does an output whose shapes never agreed (detections above a threshold)."""
+    values = [o.sqnr_db for o in outputs if not o.integer and not (math.isnan(o.sqnr_db) and o.shape_mismatches)]
+    if not values or any(math.isnan(v) for v in values):
+        return math.nan
+    return min(values)
 
 
 def is_classifier_output(x: np.ndarray) -> bool:

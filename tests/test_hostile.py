@@ -136,3 +136,22 @@ def test_non_finite_values_inside_the_graph_are_counted_too(rng, caplog):
     result = qdq.quantize(model, {"x": x}, config=qdq.QuantizeConfig(method="max", batch_size=4))
     assert result.ranges.amax["s"] == pytest.approx(float(np.sqrt(x[x >= 0]).max()), rel=1e-6)
     assert "5 non-finite values" in caplog.text
+
+
+def test_a_sequence_built_from_sequence_empty_quantizes_with_folding_skipped(rng):
+    """torch.jit.script writes a list built in a loop as SequenceEmpty/SequenceInsert: graphsurgeon's constant
+    folding evaluates SequenceEmpty to a Python list and fails on it; folding is skipped, said, and the rest runs
+    (the weight techniques once stopped on its input-less node too)."""
+    w = onnx.numpy_helper.from_array((rng.standard_normal((32, 32)) / 6).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+             helper.make_node("SequenceEmpty", [], ["seq0"], name="seq_empty", dtype=TensorProto.FLOAT),
+             helper.make_node("SequenceInsert", ["seq0", "y"], ["seq1"], name="seq_insert"),
+             helper.make_node("ConcatFromSequence", ["seq1"], ["out"], name="concat_seq", axis=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["M", 32])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = {"x": rng.standard_normal((32, 32)).astype(np.float32)}
+    result = qdq.quantize(model, data, evaluation_data=data)
+    assert any("constant folding skipped: graphsurgeon failed" in n for n in result.report.notes)
+    assert result.report.quantized_nodes == 1 and result.report.comparison.outputs[0].sqnr_db > 30

@@ -322,3 +322,15 @@ def test_an_integer_output_is_marked_so_no_low_sqnr_warning_reads_class_ids_as_a
     scores = OutputAccumulator()
     scores.update(np.array([0.5, 0.25], np.float32), np.array([0.5, 0.5], np.float32))
     assert labels.metrics("labels").integer and not scores.metrics("scores").integer
+
+
+def test_keep_or_drop_checks_read_float_outputs_and_stop_at_a_non_finite_one():
+    from qdq.compare import OutputMetrics, worst_sqnr
+
+    floats = OutputMetrics("scores", 31.0, 0.1)
+    token_ids = OutputMetrics("tokens", 0.4, 3.0, integer=True)  # one flipped id in 32
+    thresholded = OutputMetrics("kept", float("nan"), float("nan"), shape_mismatches=8)
+    non_finite = OutputMetrics("logits", float("nan"), float("nan"))
+    assert worst_sqnr([floats, token_ids, thresholded]) == 31.0
+    assert np.isnan(worst_sqnr([floats, non_finite, token_ids])), "a NaN output leaves the decision undecided"
+    assert np.isnan(worst_sqnr([token_ids]))

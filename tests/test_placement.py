@@ -550,3 +550,10 @@ def test_shape_casts_and_embedding_ids_do_not_make_a_residual_add_a_mask(rng):
         decision(plan, "Add_y")
     assert decision(plan, "Add_z").rule != "mask", decision(plan, "Add_z")
     assert decision(plan, "Add_masked").rule == "mask", "an int64 mask made into -1e4 fills is still a mask"
+
+
+def test_tiny_gemm_reads_k_from_the_weight_when_the_activation_does_not_say_it(rng):
+    model = parse(HEADER + """
+    g (float[N, T, D] x) => (float[N, T, 8] y) <float[24, 8] w = {0.0}> { y = MatMul (x, w) }""", rng)
+    d = plan_of(model).decisions[0]
+    assert d.rule == "tiny-gemm" and "(K=24, N=8)" in d.reason, d

@@ -90,7 +90,7 @@ def collect_moments(quantized: onnx.ModelProto, layers: list[Layer], data: Datas
     ``on_outputs`` receives each batch of the first pass with ``quantized``'s graph outputs on it: a check of the
     model's outputs rides along instead of running the (unoptimised, slow) model again.
     """
-    inputs = {n.name: n.input[0] for n in quantized.graph.node}
+    inputs = {n.name: n.input[0] for n in quantized.graph.node if n.input}
     moments = {layer.node: Moments() for layer in layers}
     groups = list(budgeted(layers, with_gram))
     if len(groups) > 1 and not data.rereadable():

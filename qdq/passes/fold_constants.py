@@ -7,7 +7,7 @@ import onnxruntime as ort
 
 from qdq.errors import shown
 from qdq.graph import export_model, import_graph, tensor_bytes, undefined_inputs
-from qdq.model_io import EXTERNAL_DATA_THRESHOLD
+from qdq.model_io import EXTERNAL_DATA_THRESHOLD, first_line
 from qdq.passes.base import Pass, PassResult
 
 
@@ -28,7 +28,12 @@ class FoldConstants(Pass):
         # graphsurgeon folds through ORT sessions of its own; keep ORT's optimiser chatter off the terminal.
         ort.set_default_logger_severity(3)
         notes = []
-        before, after, folded = fold(model, inline_branches=True)
+        try:
+            before, after, folded = fold(model, inline_branches=True)
+        except Exception as exc:  # graphsurgeon's own failures (a SequenceEmpty it evaluates to a list, ...)
+            return PassResult(model, modified=False, notes=(
+                f"constant folding skipped: graphsurgeon failed on this model ({first_line(exc)}); weights computed "
+                "by constant subgraphs stay computed, and layers reading them stay float",))
         if undefined_inputs(folded.graph):
             # graphsurgeon inlines the branch of an If whose condition folds to a constant; when that branch
             # returns a nested If's outputs, all but the first lose their producer (Silero VAD's decoder).

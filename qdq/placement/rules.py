@@ -146,9 +146,10 @@ def gemm_dims(node: gs.Node) -> tuple[int | None, int | None, int | None]:
     if node.op == "Gemm":
         m_k = None if a is None or len(a) != 2 else (a[::-1] if int(node.attrs.get("transA", 0)) else a)
         k_n = None if b is None or len(b) != 2 else (b[::-1] if int(node.attrs.get("transB", 0)) else b)
-        return (m_k[0] if m_k else None, m_k[1] if m_k else (k_n[0] if k_n else None), k_n[1] if k_n else None)
+        k = m_k[1] if m_k and m_k[1] is not None else (k_n[0] if k_n else None)
+        return (m_k[0] if m_k else None, k, k_n[1] if k_n else None)
     m = None if a is None else (1 if len(a) == 1 else a[-2])
-    k = a[-1] if a else (b[-2] if b and len(b) >= 2 else None)
+    k = a[-1] if a and a[-1] is not None else (b[-2] if b and len(b) >= 2 else None)  # the weight knows it
     n = None if b is None else (1 if len(b) == 1 else b[-1])
     return m, k, n
 
