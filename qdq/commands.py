@@ -183,8 +183,10 @@ def run_compare(args: argparse.Namespace) -> int:
         say("quantized tensors adding the most error (SQNR of the Q/DQ output against its input: whole tensor "
             "and worst channel; and against the float model):")
         for e in errors:
+            total = ("rescaled by SmoothQuant: no float tensor to compare with" if math.isnan(e.total.sqnr_db)
+                     else f"{e.total.sqnr_db:7.2f} dB")
             say(f"  {e.tensor:<40} added {e.local.sqnr_db:7.2f} dB (channel {e.worst_channel}: "
-                f"{e.worst_channel_db:7.2f} dB)   accumulated {e.total.sqnr_db:7.2f} dB")
+                f"{e.worst_channel_db:7.2f} dB)   accumulated {total}")
     return 0
 
 

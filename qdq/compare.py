@@ -222,7 +222,12 @@ def attribute_error(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, 
             local[tensor].update(own[tensor], dequantized)
             total[tensor].update(ref[tensor], dequantized)
             channels[tensor].update(own[tensor], dequantized)
-    found = [TensorError(t, local[t].metrics(t), total[t].metrics(t), *channels[t].worst()) for t in tensors]
+    # A tensor SmoothQuant rescaled holds x/s in the quantized model and x in the float one: its accumulated error
+    # against the float tensor of that name would measure the rescaling. Its Q says so in its doc string.
+    rescaled = {n.input[0] for n in quant_model.graph.node
+                if n.op_type == "QuantizeLinear" and "smoothquant" in n.doc_string}
+    found = [TensorError(t, local[t].metrics(t), OutputMetrics(t, math.nan, math.nan) if t in rescaled
+                         else total[t].metrics(t), *channels[t].worst()) for t in tensors]
     return sorted(found, key=lambda e: (e.worst_channel_db, e.local.sqnr_db))
 
 
