@@ -104,7 +104,7 @@ def quantize_branches(prepared: onnx.ModelProto, quantized: onnx.ModelProto, dat
     """
     done, notes = [], []
     for branch, model, runs in branch_models(prepared, data, notes):
-        known = [] if given is None else [n for n in given if n in defined_names(model.graph)]
+        known = [] if given is None else sorted(defined_names(model.graph) & given.names())
         try:
             # FP32 inside: the FP16 pass rewrites a model's inputs, which here are the If's outer names. One
             # process: the branch's runs come from a session in this one, which shards cannot take along.
@@ -200,9 +200,13 @@ class BranchProbe:
         self.conditions = {b: nodes[b.node].input[0] for b in branches}
         self.constants = {c: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
                           for c in self.conditions.values() if t.name == c}
-        # Where a branch's outputs have no shape (a subgraph's need none), the If's outputs show their types.
-        self.outputs = {b: list(nodes[b.node].output) for b in branches
-                        if any(not o.type.tensor_type.HasField("shape") for o in graph_of(model, b).output)}
+        # Where a branch's outputs have no shape (a subgraph's need none), the If's outputs show their types:
+        # (the branch's output, the If's) by position.
+        self.outputs: dict[Branch, list[tuple[str, str]]] = {}
+        for b in branches:
+            outputs = graph_of(model, b).output
+            if any(not o.type.tensor_type.HasField("shape") for o in outputs):
+                self.outputs[b] = list(zip((o.name for o in outputs), nodes[b.node].output, strict=False))
         self.inputs = Exposed(model, [*self.conditions.values(), *(n for b in branches for n in b.reads)])
         self.seen: dict[str, np.ndarray] = {}  # one value per name, for its type
 
@@ -211,7 +215,7 @@ class BranchProbe:
 
     def count(self, data: Dataset) -> dict[Branch, int]:
         """How many runs of ``data`` take each branch; the types of what the taken branches read and give."""
-        exposed = Exposed(self.model, [*self.inputs.names, *(n for names in self.outputs.values() for n in names)]
+        exposed = Exposed(self.model, [*self.inputs.names, *(n for pairs in self.outputs.values() for _, n in pairs)]
                           ) if self.outputs else self.inputs
         counts = dict.fromkeys(self.conditions, 0)
         for batch in data:
@@ -219,10 +223,8 @@ class BranchProbe:
             for branch, condition in self.conditions.items():
                 if branch.taken(values[condition]):
                     counts[branch] += 1
-                    outputs = zip(graph_of(self.model, branch).output, self.outputs.get(branch, []), strict=False)
-                    for name, value in [*((n, values[n]) for n in branch.reads), *((o.name, values[n])
-                                                                                    for o, n in outputs)]:
-                        self.seen.setdefault(name, value)
+                    for name, source in [*((n, n) for n in branch.reads), *self.outputs.get(branch, [])]:
+                        self.seen.setdefault(name, values[source])
         return counts
 
     def types(self, names: list[str]) -> dict[str, tuple[int, int]]:

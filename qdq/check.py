@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from qdq.graph import GraphIndex, default_opset, undefined_inputs
+from qdq.graph import GraphIndex, default_opset, named_subgraphs, undefined_inputs
 from qdq.ops import QDQ_OPS, QUANTIZED_COMPUTE_OPS, WEIGHTED_OPS, output_channel_axis
 from qdq.scheme import SCHEMES, Scheme
 
@@ -57,15 +57,14 @@ def check_subgraphs(model: onnx.ModelProto) -> Iterator[Finding]:
     the node as ``<If node>/<branch>/<node>``."""
     outside = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
-        for attribute in node.attribute:
-            for inner in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs):
-                graph = onnx.GraphProto()
-                graph.CopyFrom(inner)
-                graph.initializer.extend(outside[n] for n in undefined_inputs(inner) if n in outside)
-                as_model = onnx.helper.make_model(graph, opset_imports=model.opset_import)
-                for finding in check_model(as_model):
-                    yield Finding(finding.severity, finding.rule, f"{name_of(node)}/{attribute.name}/{finding.node}",
-                                  finding.message)
+        for attribute, inner in named_subgraphs(node):
+            graph = onnx.GraphProto()
+            graph.CopyFrom(inner)
+            graph.initializer.extend(outside[n] for n in undefined_inputs(inner) if n in outside)
+            as_model = onnx.helper.make_model(graph, opset_imports=model.opset_import)
+            for finding in check_model(as_model):
+                yield Finding(finding.severity, finding.rule, f"{name_of(node)}/{attribute}/{finding.node}",
+                              finding.message)
 
 
 def check_opset(model: onnx.ModelProto, graph: GraphIndex) -> Iterator[Finding]:

@@ -188,12 +188,34 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes[i] for i in order)
 
 
-def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """The node's own subgraphs: If branches, Loop and Scan bodies."""
+def named_subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The node's own subgraphs (If branches, Loop and Scan bodies) with the attribute that holds each."""
     for attribute in node.attribute:
         if attribute.type == onnx.AttributeProto.GRAPH:
-            yield attribute.g
-        yield from attribute.graphs
+            yield attribute.name, attribute.g
+        for graph in attribute.graphs:
+            yield attribute.name, graph
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The node's own subgraphs: If branches, Loop and Scan bodies."""
+    for _, graph in named_subgraphs(node):
+        yield graph
+
+
+def every_graph(graph: onnx.GraphProto, where: str = "") -> Iterator[tuple[str, onnx.GraphProto]]:
+    """``graph`` and every subgraph in it at any depth, each once, with its path (``If_0/then_branch/``)."""
+    yield where, graph
+    for node in graph.node:
+        for attribute, inner in named_subgraphs(node):
+            yield from every_graph(inner, f"{where}{node.name}/{attribute}/")
+
+
+def every_node(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.NodeProto]]:
+    """Every node of ``graph`` and of the subgraphs in it, with the path of the graph it sits in."""
+    for where, inner in every_graph(graph):
+        for node in inner.node:
+            yield where, node
 
 
 def nested_nodes(node: onnx.NodeProto) -> Iterator[onnx.NodeProto]:

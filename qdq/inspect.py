@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from qdq.check import attribute
-from qdq.graph import GraphIndex
+from qdq.graph import GraphIndex, named_subgraphs
 from qdq.ops import QDQ_OPS, WEIGHTED_OPS
 
 REASONS_KEY = "qdq.float_reasons"
@@ -107,6 +107,5 @@ def graphs_in(graph: onnx.GraphProto, outside: dict[str, onnx.TensorProto], wher
     constants = {**outside, **{i.name: i for i in graph.initializer}}
     yield where, graph, constants
     for node in graph.node:
-        for attribute_ in node.attribute:
-            for inner in ([attribute_.g] if attribute_.type == onnx.AttributeProto.GRAPH else attribute_.graphs):
-                yield from graphs_in(inner, constants, f"{where}{node.name}/{attribute_.name}/")
+        for attribute_name, inner in named_subgraphs(node):
+            yield from graphs_in(inner, constants, f"{where}{node.name}/{attribute_name}/")

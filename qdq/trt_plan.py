@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shlex
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import onnx
 
 from qdq.calibrate.data import input_specs
 from qdq.errors import QdqError
+from qdq.graph import every_graph, every_node
 
 Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 TRT_VERSIONS = (10, 11)
@@ -115,23 +115,14 @@ def trtexec_command(model: Path, engine: Path, *, trt_version: int = 10, workspa
     return shlex.join(args)
 
 
-def every_node(graph: onnx.GraphProto, where: str = "") -> Iterator[tuple[str, onnx.NodeProto, onnx.GraphProto]]:
-    """(path, node, its graph) for every node, in If branches and Loop/Scan bodies too: ``If_0/then_branch/``."""
-    for node in graph.node:
-        yield where, node, graph
-        for attribute in node.attribute:
-            for inner in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs):
-                yield from every_node(inner, f"{where}{node.name}/{attribute.name}/")
-
-
 def dequantized_tensors(model: onnx.ModelProto) -> set[str]:
-    return {o for _, n, _ in every_node(model.graph) if n.op_type == "DequantizeLinear" for o in n.output}
+    return {o for _, n in every_node(model.graph) if n.op_type == "DequantizeLinear" for o in n.output}
 
 
 def quantized_node_names(model: onnx.ModelProto) -> set[str]:
     """Nodes reading at least one DequantizeLinear output, in subgraphs too: the layers that should run INT8."""
     dequantized = dequantized_tensors(model)
-    return {n.name for _, n, _ in every_node(model.graph)
+    return {n.name for _, n in every_node(model.graph)
             if n.op_type != "QuantizeLinear" and set(n.input) & dequantized}
 
 
@@ -180,13 +171,13 @@ def node_precisions(model: onnx.ModelProto) -> tuple[NodePrecision, ...]:
     except Exception:  # shape inference is a help here; without it types come from the model as is
         inferred = model
     types = {}
-    for graph in [inferred.graph, *(g for _, _, g in every_node(inferred.graph))]:
+    for _, graph in every_graph(inferred.graph):
         types.update({v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)
                       if v.type.tensor_type.elem_type})
         types.update({init.name: init.data_type for init in graph.initializer})
     quantized = quantized_node_names(model)
     nodes = []
-    for where, node, _ in every_node(model.graph):
+    for where, node in every_node(model.graph):
         if node.op_type in SKIPPED_OPS:
             continue
         if node.name in quantized:

@@ -351,13 +351,19 @@ mlp (float[N, 6, 16] x) => (float[N, 6, 24] y) <float[16, 32] w1 = {0.0}, float[
 }"""
 
 
-def test_smoothquant_divides_any_layer_input_with_a_mul_and_leaves_the_float_model_unchanged(rng):
+def mlp_with_outlier_channels(rng: np.random.Generator) -> onnx.ModelProto:
+    """MLP with two hidden channels far larger than the rest: SmoothQuant's case for a Mul on the branch."""
     model = parse(MLP, rng)
-    for init in model.graph.initializer:  # two hidden channels far larger than the rest
+    for init in model.graph.initializer:
         if init.name == "w1":
             w1 = onnx.numpy_helper.to_array(init).copy()
             w1[:, [5, 20]] *= 40.0
             init.CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
+    return model
+
+
+def test_smoothquant_divides_any_layer_input_with_a_mul_and_leaves_the_float_model_unchanged(rng):
+    model = mlp_with_outlier_channels(rng)
     prepared, plan = prepared_plan(model)
     x = rng.normal(size=(40, 6, 16)).astype(np.float32)
     from qdq.calibrate.data import input_specs, open_data
@@ -560,12 +566,7 @@ def test_per_tensor_attribution_does_not_compare_a_smoothed_tensor_with_the_floa
     from qdq.calibrate.data import input_specs, open_data
     from qdq.compare import attribute_error
 
-    model = parse(MLP, rng)
-    for init in model.graph.initializer:
-        if init.name == "w1":
-            w1 = onnx.numpy_helper.to_array(init).copy()
-            w1[:, [5, 20]] *= 40.0
-            init.CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
+    model = mlp_with_outlier_channels(rng)
     x = rng.normal(size=(40, 6, 16)).astype(np.float32)
     result = qdq.quantize(model, {"x": x})
     assert any("smoothquant on 1 of 1" in n for n in result.report.notes), result.report.notes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx
 
-from qdq.graph import nested_nodes
+from qdq.graph import every_node
 from qdq.passes.base import Pass, PassResult
 
 
@@ -17,23 +17,17 @@ class DropEmptyAxes(Pass):
     in_place = False
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        if not any(empty_axes(n) for n in every_node(model)):
+        if not any(empty_axes(n) for _, n in every_node(model.graph)):
             return PassResult(model, modified=False)
         out = onnx.ModelProto()
         out.CopyFrom(model)
         dropped = 0
-        for node in every_node(out):
+        for _, node in every_node(out.graph):
             if (attribute := empty_axes(node)) is not None:
                 node.attribute.remove(attribute)
                 dropped += 1
         return PassResult(out, modified=True, notes=(f"dropped the empty axes attribute of {dropped} Reduce nodes "
                                                      "(they reduce over every axis either way)",))
-
-
-def every_node(model: onnx.ModelProto):
-    for node in model.graph.node:
-        yield node
-        yield from nested_nodes(node)
 
 
 def empty_axes(node: onnx.NodeProto) -> onnx.AttributeProto | None:
