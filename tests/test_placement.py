@@ -184,6 +184,23 @@ def test_tiny_channel_conv_stays_float_but_not_the_first_layer(rng):
     assert "16" not in small.reason.split(":")[0], "only the side below 16 is named"
 
 
+def test_a_1x1_depthwise_conv_is_a_per_channel_scale_and_stays_float(rng):
+    """tf2onnx writes a BatchNormalization it cannot fold (behind a PReLU) as a 1x1 depthwise Conv; a 3x3
+    depthwise Conv is a layer."""
+    model = parse(HEADER + """
+    g (float[N, 32, 8, 8] x) => (float[N, 32, 8, 8] y) <float[32, 1, 1, 1] s = {0.0}, float[32, 1, 3, 3] d = {0.0},
+                                                      float[32, 32, 1, 1] w = {0.0}> {
+      c = Conv <pads = [1, 1, 1, 1], group = 32> (x, d)
+      b = Conv <group = 32> (c, s)
+      y = Conv (b, w)
+    }""", rng)
+    plan = plan_of(model)
+    assert decision(plan, "Conv_c").quantized and decision(plan, "Conv_y").quantized
+    scale = decision(plan, "Conv_b")
+    assert not scale.quantized and scale.rule == "tiny-conv" and "per-channel scale" in scale.reason, scale
+    assert "1x1 kernel" in scale.reason
+
+
 def test_the_first_layer_behind_keras_rescaling_and_an_nhwc_transpose_is_the_first_layer(rng):
     """tf2onnx writes Keras' Rescaling (x / 127.5 - 1) and the NHWC->NCHW Transpose before the stem Conv."""
     model = parse(HEADER + """

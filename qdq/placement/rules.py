@@ -108,13 +108,21 @@ def spectral(node: gs.Node) -> str | None:
 
 
 def tiny_conv(node: gs.Node, ctx: PlanContext) -> str | None:
-    """[MO] Too few channels for INT8 kernels to pay off; multiples of 8 and the first layer are fine."""
+    """[MO] Too few channels for INT8 kernels to pay off; multiples of 8 and the first layer are fine. Grouped
+    Convs with few channels per group need a kernel of at least 3 (a 1x1 depthwise Conv is a per-channel scale)."""
     shape = node.inputs[1].shape
     group = int(node.attrs.get("group", 1))
     if node.op == "Conv":
         out_channels, in_channels = int(shape[0]), int(shape[1]) * group
     else:
         in_channels, out_channels = int(shape[0]), int(shape[1]) * group
+    kernel = [int(k) for k in shape[2:]]
+    if node.op == "Conv" and group > 1 and int(shape[1]) < MIN_CONV_CHANNELS and kernel and min(kernel) < 3:
+        # A depthwise 1x1 Conv is a per-channel scale and bias (tf2onnx writes a BatchNormalization it cannot fold
+        # past a PReLU this way): int8 gives it nothing to speed up and its output only adds a rounding.
+        what = "a per-channel scale" if max(kernel) == 1 else "a kernel side below 3"
+        return (f"grouped Conv with {int(shape[1])} input channels per group and a {'x'.join(map(str, kernel))} "
+                f"kernel ({what}): INT8 gains nothing")
     if source_through_preprocessing(node.inputs[0]).name in ctx.graph_inputs:
         return None  # the first layer, even behind an NHWC->NCHW Transpose and a Rescaling (tf2onnx exports)
     small = [f"{c} {side}" for c, side in ((in_channels, "input"), (out_channels, "output"))
