@@ -19,6 +19,7 @@ from qdq.errors import DataError
 from qdq.placement import plan_quantization
 from qdq.quantize import prepare
 from qdq.runtime import session_exposing
+from qdq.scheme import INT8
 
 
 def histogram(x: np.ndarray, bins: int = 2048) -> Histogram:
@@ -306,15 +307,40 @@ def onnx_tensor(values: np.ndarray, name: str):
     return onnx.numpy_helper.from_array(values, name)
 
 
-def test_auto_scores_a_consumer_without_weights_by_the_tensors_own_error(rng):
-    # An Add quantized by --include-op-types has no weight: its inputs are scored by their own squared error,
-    # and auto works on a one-shot iterator (the scored sample is kept while the histograms are collected).
+def test_auto_works_on_a_one_shot_iterator(rng):
+    # The scored sample is kept while the histograms are collected; an Add quantized by --include-op-types is
+    # scored through the MatMul it leads to.
     model = parse('<ir_version: 8, opset_import: ["" : 13]> g (float[N, 16] a, float[N, 16] b) => '
                   "(float[N, 16] y) <float[16, 16] w = {0.0}> { s = Add (a, b)\n y = MatMul (s, w) }", rng)
     batches = ({"a": rng.laplace(size=(8, 16)).astype(np.float32), "b": rng.normal(size=(8, 16)).astype(np.float32)}
                for _ in range(6))
     ranges = qdq.calibrate(model, batches, config=QuantizeConfig(method="auto", include_op_types=("Add",)))
     assert set(ranges) == {"a", "b", "s"} and all(ranges.source(n).startswith("auto: ") for n in ranges)
+
+
+def test_auto_scores_a_consumer_without_weights_at_the_layers_it_leads_to(rng):
+    # a --Add(b)--> s --MatMul(w)--> y: the Add has no weight, so a's candidates are scored at y (b float, w
+    # quantized per channel as planned), not by a's own error. Oracle: the same in numpy, candidate by candidate.
+    # a's loud channel meets a large weight row: clipping it costs y more than a's own error says.
+    from qdq.calibrate.auto import candidates, fake_quantize, fake_quantized_weight
+
+    model = parse('<ir_version: 8, opset_import: ["" : 13]> g (float[N, 16] a, float[N, 16] b) => '
+                  "(float[N, 16] y) <float[16, 16] w = {0.0}> { s = Add (a, b)\n y = MatMul (s, w) }", rng)
+    w = rng.normal(0, 0.1, (16, 16)).astype(np.float32)
+    w[3] = 2.0
+    model.graph.initializer[0].CopyFrom(onnx_tensor(w, "w"))
+    a = rng.normal(0, 1, (128, 16)).astype(np.float32)
+    a[:, 3] *= 2
+    b = rng.normal(0, 1, (128, 16)).astype(np.float32)
+    auto = qdq.calibrate(model, {"a": a, "b": b}, config=QuantizeConfig(method="auto", include_op_types=("Add",)))
+    w_q = onnx.numpy_helper.to_array(fake_quantized_weight(onnx_tensor(w, "w"), 1, INT8))
+    reference = (a + b).astype(np.float64) @ w.astype(np.float64)
+    own, at_y = {}, {}
+    for c in candidates(auto.histograms["a"]):
+        at_y[c.amax] = float(np.sum(((fake_quantize(a, c.amax) + b) @ w_q - reference) ** 2))
+        own[c.amax] = float(np.sum((fake_quantize(a, c.amax) - a) ** 2))
+    assert min(own, key=own.get) != min(at_y, key=at_y.get), "the two measures must disagree here"
+    assert at_y[auto.amax["a"]] <= min(at_y.values()) * (1 + 1e-4), (auto.source("a"), at_y)
 
 
 def test_auto_says_which_method_chose_each_range(tmp_path, capsys):
