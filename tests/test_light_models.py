@@ -38,8 +38,10 @@ def test_every_conv_and_gemm_reads_dequantized_inputs(name, quantized):
     _, _, result = quantized(name)
     out = result.model
     made_by = producers(out)
-    weighted = [n for n in out.graph.node if n.op_type in ("Conv", "Gemm")]
-    assert weighted
+    # ShuffleNet's one grouped 1x1 Conv with 6 input channels a group stays float by tiny-conv, as in Model Optimizer.
+    left_float = {d.node for d in result.plan.decisions if not d.quantized and d.rule == "tiny-conv"}
+    weighted = [n for n in out.graph.node if n.op_type in ("Conv", "Gemm") and n.name not in left_float]
+    assert weighted and len(left_float) <= len(weighted) // 2
     for node in weighted:
         for index in (0, 1):
             producer = made_by.get(node.input[index])

@@ -120,7 +120,7 @@ def tiny_conv(node: gs.Node, ctx: PlanContext) -> str | None:
     if node.op == "Conv" and group > 1 and int(shape[1]) < MIN_CONV_CHANNELS and kernel and min(kernel) < 3:
         # A depthwise 1x1 Conv is a per-channel scale and bias (tf2onnx writes a BatchNormalization it cannot fold
         # past a PReLU this way): int8 gives it nothing to speed up and its output only adds a rounding.
-        what = "a per-channel scale" if max(kernel) == 1 else "a kernel side below 3"
+        what = "a per-channel scale" if int(shape[1]) == 1 and max(kernel) == 1 else "a kernel side below 3"
         return (f"grouped Conv with {int(shape[1])} input channels per group and a {'x'.join(map(str, kernel))} "
                 f"kernel ({what}): INT8 gains nothing")
     if source_through_preprocessing(node.inputs[0]).name in ctx.graph_inputs:
