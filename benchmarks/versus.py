@@ -109,8 +109,8 @@ MODELS = {
     "silero_vad": Model(REAL / "silero_vad" / "silero_vad.onnx", "vad", stacked=True),
     "silero_vad_b": Model(REAL / "silero_vad_b" / "silero_vad_b.onnx", "vad", stacked=True),
     "silero_vad_if": Model(REAL / "silero_vad_if" / "silero_vad_if.onnx", "vad", stacked=True),
-    "ppocr6_det": Model(REAL / "ppocr6_det" / "ppocr6_det.onnx", "det_map"),
-    "ppocr6_rec": Model(REAL / "ppocr6_rec" / "ppocr6_rec.onnx", "rec"),
+    "ppocr6_det": Model(REAL / "ppocr6_det" / "ppocr6_det.onnx", "det_map", ort_opset13=True),
+    "ppocr6_rec": Model(REAL / "ppocr6_rec" / "ppocr6_rec.onnx", "rec", ort_opset13=True),
     "ppocr5_det": Model(REAL / "ppocr5_det" / "ppocr5_det.onnx", "det_map"),
     "ppocr5_rec": Model(REAL / "ppocr5_rec" / "ppocr5_rec.onnx", "rec"),
     "minilm": Model(ROOT / "benchmarks" / ".data" / "minilm" / "minilm.onnx", "embedding",
@@ -247,7 +247,7 @@ def quantize_ort(model: Model, method: str, out: Path) -> onnx.ModelProto:
     source = model.path
     if model.ort_opset13:
         # Below opset 13 ORT still writes per-channel DequantizeLinear nodes with an axis attribute (opset 13's) and
-        # then refuses to load its own model (ddddocr's opsets 12 and 11); the converted copy's float outputs are
+        # then refuses to load its own model (ddddocr's opsets 12 and 11, PP-OCRv6's 11); the converted copy's float outputs are
         # the original's exactly. qdq and Model Optimizer raise the opset themselves.
         source = out.with_name("op13.onnx")
         onnx.save(onnx.version_converter.convert_version(onnx.load(str(model.path)), 13), str(source))
