@@ -247,8 +247,8 @@ def quantize_ort(model: Model, method: str, out: Path) -> onnx.ModelProto:
     source = model.path
     if model.ort_opset13:
         # Below opset 13 ORT still writes per-channel DequantizeLinear nodes with an axis attribute (opset 13's) and
-        # then refuses to load its own model (ddddocr's opsets 12 and 11, PP-OCRv6's 11); the converted copy's float outputs are
-        # the original's exactly. qdq and Model Optimizer raise the opset themselves.
+        # then refuses to load its own model (ddddocr's opsets 12 and 11, PP-OCRv6's 11); the converted copy's
+        # float outputs are the original's exactly. qdq and Model Optimizer raise the opset themselves.
         source = out.with_name("op13.onnx")
         onnx.save(onnx.version_converter.convert_version(onnx.load(str(model.path)), 13), str(source))
     if model.runs:
