@@ -153,10 +153,11 @@ def fake_quantized_weight(tensor: onnx.TensorProto, axis: int | None, scheme: Sc
 
 @dataclass
 class Score:
-    """Per candidate: the squared output error summed over the sample, per consumer; and each consumer's energy."""
+    """Per candidate: the squared error summed over the sample, per scored output (a consuming layer's, each end of
+    a region, or the tensor itself); and each output's energy."""
 
-    errors: np.ndarray  # [consumers, candidates]
-    energy: np.ndarray  # [consumers]
+    errors: np.ndarray  # [outputs, candidates]
+    energy: np.ndarray  # [outputs]
 
     def relative(self) -> np.ndarray:
         return (self.errors / np.maximum(self.energy, 1e-30)[:, None]).sum(axis=0)
@@ -232,8 +233,10 @@ def make_probe(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto,
                weights: dict[tuple[str, str], int | None], scheme: Scheme) -> LayerProbe | None:
     """A probe for a weighted layer, or for another consumer and what follows it up to the next weighted layers;
     None where that cannot run alone (the tensor is then scored by its own error)."""
-    nodes, ends = ([node], [node.output[0]]) if node.op_type in WEIGHTED_OPS else region(node, index,
-                                                                                           model.graph.node)
+    if node.op_type in WEIGHTED_OPS:
+        nodes, ends = [node], [node.output[0]]
+    else:
+        nodes, ends = region(node, index, model.graph.node)
     if any(next(subgraphs(n), None) is not None for n in nodes):
         return None
     names = {n.name for n in nodes}
