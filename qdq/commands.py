@@ -91,8 +91,8 @@ def describe_method(method: str) -> str:
     """How ``qdq explain`` says the ranges will be chosen (it runs no data, so no amax yet)."""
     if method == "auto":
         return ("--method auto: per tensor, the candidate (max, entropy, MSE, percentiles, a grid) with the least "
-                "error in the consuming layer's output; the chosen one is listed by quantize --explain, the "
-                "report, and each QuantizeLinear's doc string")
+                "error in the consuming layers' outputs (past an Add or a pooling, in the layers they lead to); the "
+                "chosen one is listed by quantize --explain, the report, and each QuantizeLinear's doc string")
     return f"--method {method} for every tensor"
 
 

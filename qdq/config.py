@@ -30,7 +30,8 @@ class QuantizeConfig:
     Attributes:
         method: how activation statistics become an amax (../specs/calibration.md). ``mse`` (default): the
             threshold with the least quantization error of the tensor. ``auto``: per tensor, the candidate
-            (max, entropies, MSE, percentiles, a grid) with the least error in the consuming layer's output.
+            (max, entropies, MSE, percentiles, a grid) with the least error in the consuming layers' outputs (past
+            an Add or a pooling, in the layers they lead to).
             ``entropy``: TensorRT's entropy calibration as published (pytorch-quantization). ``entropy-guarded``:
             the same KL search with two guards (never clip more than 0.1% of the values; smoothing for outliers
             past a gap), qdq's earlier default. ``max``: the largest |x| seen (fastest: no histogram);
