@@ -120,7 +120,10 @@ class LayerProbe:
         read = dict.fromkeys(i for n in nodes for i in n.input if i and i not in made)
         initializers = {t.name: t for t in model.graph.initializer}
         self.inputs = [name for name in read if name not in initializers]
-        self.types = [index.elem_type(name) or onnx.TensorProto.FLOAT for name in self.inputs]
+        types = [index.elem_type(name) for name in self.inputs]
+        if len(nodes) > 1 and None in types:  # fed as float, an integer tensor would fail mid-run, not here
+            raise ValueError(f"no type known for {self.inputs[types.index(None)]!r}")
+        self.types = [t or onnx.TensorProto.FLOAT for t in types]
         used = [initializers[name] for name in read if name in initializers]
         self.float = self.session(model, used)
         quantized = [fake_quantized_weight(t, quantized_weights[t.name], scheme) if t.name in quantized_weights else t
