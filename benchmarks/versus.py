@@ -43,9 +43,9 @@ ORT and Model Optimizer each run in a fresh process (Model Optimizer patches ORT
 ORT's Entropy and Percentile keep every calibration batch's activations: on the layout detector (32 samples of
 800x608) and the recogniser (64 lines, a 6625-class Softmax) they were killed for memory (13-19 GB) on this 24 GB
 machine; a failed configuration is a row that says so, not a crash. What it takes to run the competitors on the
-wheel models (each fix is commented where it is made): ORT gets ddddocr's models converted to opset 13, and its
-histograms a patch for runs of different shapes; the data reader has ``get_first`` for Model Optimizer, which also
-gets a copy of the model (it writes inferred shapes into its input file).
+wheel models (each fix is commented where it is made): ORT gets ddddocr's and PP-OCRv6's models converted to
+opset 13, and its histograms a patch for runs of different shapes; the data reader has ``get_first`` for Model
+Optimizer, which also gets a copy of the model (it writes inferred shapes into its input file).
 This is one of the two places (with techniques.py) that import ``onnxruntime.quantization`` and ``modelopt``: qdq
 never wraps a competitor.
 """
@@ -195,6 +195,11 @@ def sqnr(reference: list[np.ndarray], quantized: list[np.ndarray]) -> float:
     return float(10 * np.log10(np.sum(ref ** 2) / max(float(np.sum((got - ref) ** 2)), 1e-30)))
 
 
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks; 0 when both are empty."""
+    return float(np.sum(a & b) / max(np.sum(a | b), 1))
+
+
 def metrics(model: Model, reference: list[np.ndarray], quantized: list[np.ndarray]) -> dict:
     task, main = model.task, len(reference) - bool(model.task_output)  # run() put the task's output last
     value = sqnr(reference[:main], quantized[:main])
@@ -204,11 +209,9 @@ def metrics(model: Model, reference: list[np.ndarray], quantized: list[np.ndarra
     elif task == "sqnr":  # a regressor's second head (mediapipe's face flag, iris landmarks)
         task_value = sqnr([r], [q])
     elif task == "anchors":  # mediapipe detectors: anchors whose score logit is above 0 (probability 0.5)
-        a, b = r > 0, q > 0
-        task_value = float(np.sum(a & b) / max(np.sum(a | b), 1))
+        task_value = iou(r > 0, q > 0)
     elif task == "yolox":  # [N, anchors, (x, y, w, h, objectness, class)]: anchors with obj x class above 0.5
-        a, b = r[..., 4] * r[..., 5] > 0.5, q[..., 4] * q[..., 5] > 0.5
-        task_value = float(np.sum(a & b) / max(np.sum(a | b), 1))
+        task_value = iou(r[..., 4] * r[..., 5] > 0.5, q[..., 4] * q[..., 5] > 0.5)
     elif task == "classifier":
         task_value = float(np.mean(r.argmax(-1) == q.argmax(-1)))
     elif task == "rec":
@@ -219,8 +222,7 @@ def metrics(model: Model, reference: list[np.ndarray], quantized: list[np.ndarra
     elif task == "vad":  # speech decisions at Silero's default threshold
         task_value = float(np.mean((r > 0.5) == (q > 0.5)))
     elif task == "det_map":
-        a, b = r > 0.3, q > 0.3
-        task_value = float(np.sum(a & b) / max(np.sum(a | b), 1))
+        task_value = iou(r > 0.3, q > 0.3)
     else:  # layout: anchors whose best class scores above 0.5, with that class
         rs, qs = np.concatenate(reference, axis=1), np.concatenate(quantized, axis=1)
 
