@@ -299,7 +299,7 @@ def test_equalization_is_kept_only_where_it_brings_the_outputs_closer(rng, monke
     assert kept.ranges.rescaled == ("equalize",)
     assert sqnr(kept) > sqnr(plain) + 6, (sqnr(kept), sqnr(plain))
 
-    def damaging(model, plan):  # "balances" by breaking the second Conv's weights
+    def damaging(model, plan, only=None):  # "balances" by breaking the second Conv's weights
         out = onnx.ModelProto()
         out.CopyFrom(model)
         for init in out.graph.initializer:
@@ -311,6 +311,55 @@ def test_equalization_is_kept_only_where_it_brings_the_outputs_closer(rng, monke
     left = qdq.quantize(model, {"x": calib}, config=QuantizeConfig(techniques=("equalize",)))
     assert any(n.startswith("equalization measured and left out") for n in left.report.notes), left.report.notes
     assert left.ranges.rescaled == () and sqnr(left) == pytest.approx(sqnr(plain), abs=1e-6)
+
+
+def loud_pair(rng, loudness: float) -> onnx.ModelProto:
+    model = parse(LOUD_CHANNEL, rng)
+    wa, wb = initializer(model, "wa").copy(), initializer(model, "wb").copy()
+    wa[3] *= loudness
+    wb[:, 3] /= loudness
+    return with_weight(with_weight(model, "wa", wa), "wb", wb)
+
+
+@pytest.mark.parametrize("loudness", [40.0, 4.0])
+def test_equalization_predicts_the_rounding_noise_at_the_second_conv(rng, loudness):
+    """The prediction against the noise measured in numpy: the tensor between the pair rounded per tensor at its
+    max, the second Conv's weights per output channel, before and after balancing."""
+    from qdq.optimize.channels import Channels
+    from qdq.optimize.equalize import PREDICTED_GAIN_DB, balance, equalization_pairs, predicted_gain
+
+    model = loud_pair(rng, loudness)
+    prepared, plan = prepared_plan(model)
+    x = rng.normal(size=(32, 16, 6, 6))
+
+    def measured_noise(m: onnx.ModelProto) -> float:
+        wa, wb = (initializer(m, m.graph.node[i].input[1]).astype(np.float64)[:, :, 0, 0] for i in (0, 1))
+        a = np.einsum("oc,nchw->nohw", wa, x)
+        step = np.abs(a).max() / 127
+        rows = np.abs(wb).max(axis=1, keepdims=True) / 127
+        exact = np.einsum("oc,nchw->nohw", wb, a)
+        rounded = np.einsum("oc,nchw->nohw", np.round(wb / rows) * rows, np.round(a / step) * step)
+        return float(np.mean((rounded - exact) ** 2))
+
+    pairs, _ = equalization_pairs(prepared, plan)
+    a = np.einsum("oc,nchw->nohw", initializer(prepared, "wa").astype(np.float64)[:, :, 0, 0], x)
+    channels = Channels(np.abs(a).max(axis=(0, 2, 3)), np.mean(a ** 2, axis=(0, 2, 3)))
+    predicted = predicted_gain(initializer(prepared, "wa"), initializer(prepared, "wb"), 1, channels)
+    measured = 10 * np.log10(measured_noise(prepared) / measured_noise(balance(prepared, pairs)))
+    assert predicted == pytest.approx(measured, abs=1.0), (predicted, measured)
+    assert (predicted > PREDICTED_GAIN_DB) == (loudness == 40.0)
+
+
+def test_equalization_leaves_pairs_alone_that_it_would_not_help(rng):
+    """An even pair (every channel alike): predicted to gain nothing, not balanced, not even checked."""
+    model = parse(LOUD_CHANNEL, rng)
+    calib = rng.normal(size=(48, 16, 6, 6)).astype(np.float32)
+    result = qdq.quantize(model, {"x": calib}, config=QuantizeConfig(techniques=("equalize",)))
+    assert any(n.startswith("equalization: 0 of 1 Conv pairs predicted") for n in result.report.notes), \
+        result.report.notes
+    assert not any("equalization measured" in n for n in result.report.notes)
+    plain = qdq.quantize(model, {"x": calib}, config=QuantizeConfig(techniques=()))
+    assert result.ranges.rescaled == () and result.ranges.amax == plain.ranges.amax
 
 
 def test_smoothquant_leaves_the_float_model_unchanged_and_flattens_the_activation(rng):
@@ -491,7 +540,8 @@ def test_explain_lists_each_technique_and_what_it_skips(rng, tmp_path, capsys):
     assert main(["explain", str(path), "--optimize", "2"]) == 0
     out = capsys.readouterr().out
     assert "techniques at --optimize 2: equalize, smoothquant, adaround, bias-correction" in out
-    assert "equalize: Conv_a -> Conv_d (Relu)" in out and "equalize skips" in out and "ReLU6" in out
+    assert "equalize candidate: Conv_a -> Conv_d (Relu)" in out and "equalize skips" in out and "ReLU6" in out
+    assert "predicted rounding noise drops by 14 dB" in out
     assert main(["explain", str(path), "--techniques", "bias-correction"]) == 0
     assert "equalize" not in capsys.readouterr().out.split("techniques at")[1]
     with pytest.raises(SystemExit) as exit_info:

@@ -1,10 +1,11 @@
 """Accuracy techniques beyond nearest rounding and calibrated ranges, chosen by an ``--optimize`` level.
 
 Level 0 is nearest rounding of the weights and calibrated ranges, nothing more; 1 (the default) adds the cheap
-techniques; 2 adds learned rounding and cross-layer equalization, each kept only where it brings the outputs
-closer. Each technique is a separate module and can be switched on or off by name (``QuantizeConfig.techniques``):
-  equalize         cross-layer equalization of Conv -> (ReLU | identity) -> Conv chains (float-exact), kept if the
-                   quantized outputs on calibration data get closer
+techniques and cross-layer equalization where a data pass predicts it pays; 2 adds learned rounding, kept only
+where it brings the outputs closer. Each technique is a separate module and can be switched on or off by name
+(``QuantizeConfig.techniques``):
+  equalize         cross-layer equalization of the Conv -> (ReLU | identity) -> Conv pairs predicted to gain
+                   (float-exact), kept if the quantized outputs on calibration data get closer
   smoothquant      SmoothQuant migration into MatMul/Gemm weights (float-exact)
   adaround         learned rounding: each weight rounded up or down for its layer's output error
   bias-correction  the mean output shift of weight quantization folded into the biases
@@ -16,7 +17,7 @@ from __future__ import annotations
 TECHNIQUES: tuple[str, ...] = ("equalize", "smoothquant", "adaround", "bias-correction", "uneven-depthwise")
 LEVELS: dict[int, tuple[str, ...]] = {
     0: (),
-    1: ("smoothquant", "bias-correction", "uneven-depthwise"),
+    1: ("equalize", "smoothquant", "bias-correction", "uneven-depthwise"),
     2: ("equalize", "smoothquant", "adaround", "bias-correction", "uneven-depthwise"),
 }
 # The techniques that rescale activations: ranges measured after them are the rescaled model's tensors'.

@@ -23,10 +23,9 @@ import onnx
 
 from qdq.calibrate.data import Dataset
 from qdq.graph import GraphIndex
+from qdq.optimize.channels import SAMPLES, channel_statistics
 from qdq.placement.plan import QuantPlan
-from qdq.runtime import session_exposing
 
-SAMPLES = 32  # channel ranges read on this many samples; with fewer the estimate is too loose to act on
 # Median channel max / largest channel max below which the Conv stays float (at 0.2 the median channel still
 # gets 25 of INT8's 127 levels). Measured with benchmarks/versus.py: the PicoDet layout detector read 11.9 dB at
 # 0.15, 14.8 at 0.20, 17.6 at 0.25 (its 37 depthwise inputs range from 0.03 to 0.43); PP-OCR's direction
@@ -60,21 +59,6 @@ def depthwise_sites(model: onnx.ModelProto, plan: QuantPlan) -> list[Site]:
     return sites
 
 
-def channel_maxima(model: onnx.ModelProto, tensors: list[str], data: Dataset) -> tuple[dict[str, np.ndarray], int]:
-    """Each tensor's max |x| per channel (axis 1) over the first ``SAMPLES`` samples, and the samples read."""
-    batches = list(data.head(SAMPLES))
-    session = session_exposing(model, tensors, what="the model (reading depthwise input channels)")
-    maxima: dict[str, np.ndarray] = {}
-    for batch in batches:
-        for name, value in zip(tensors, session.run(tensors, batch.feeds), strict=True):
-            if value.ndim < 2 or value.size == 0:
-                continue
-            axes = tuple(a for a in range(value.ndim) if a != 1)
-            found = np.fmax.reduce(np.abs(value), axis=axes)  # fmax skips NaN; an all-NaN channel stays NaN
-            maxima[name] = found if name not in maxima else np.maximum(maxima[name], found)
-    return maxima, sum(b.samples for b in batches)
-
-
 def balance(channel_max: np.ndarray) -> float:
     """Median channel max over the largest (1.0: even; near 0: a few channels dominate)."""
     finite = channel_max[np.isfinite(channel_max)]
@@ -87,13 +71,14 @@ def leave_uneven_depthwise(model: onnx.ModelProto, plan: QuantPlan, data: Datase
     sites = depthwise_sites(model, plan)
     if not sites:
         return plan, []
-    maxima, samples = channel_maxima(model, sorted({s.tensor for s in sites}), data)
+    stats, samples = channel_statistics(model, sorted({s.tensor for s in sites}), data,
+                                        why="reading depthwise input channels")
     if samples < SAMPLES:
         return plan, [f"uneven-depthwise skipped: {samples} calibration samples, it needs {SAMPLES} to judge the "
                       f"channel ranges of {len(sites)} depthwise Convs"]
     reasons = {}
     for site in sites:
-        if site.tensor in maxima and (ratio := balance(maxima[site.tensor])) < THRESHOLD:
+        if site.tensor in stats and (ratio := balance(stats[site.tensor].max)) < THRESHOLD:
             reasons[site.node] = (RULE, f"depthwise Conv whose input channels are uneven (median channel max "
                                         f"{ratio:.3f} of the largest on {samples} samples, below {THRESHOLD}): "
                                         "one per-tensor INT8 scale would round its small channels to zero")

@@ -14,7 +14,7 @@ from qdq.errors import DataError
 from qdq.graph import tensor_bytes
 from qdq.optimize import RELAXATION_ITERATIONS, RESCALING, chosen_techniques
 from qdq.optimize.depthwise import depthwise_sites, leave_uneven_depthwise
-from qdq.optimize.equalize import equalize
+from qdq.optimize.equalize import equalization_pairs, equalize, worth_balancing
 from qdq.optimize.smoothquant import smooth
 from qdq.optimize.weights import not_measured, optimize_weights, quantized_model
 from qdq.placement.plan import QuantPlan
@@ -47,10 +47,11 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
         notes.append(f"{' and '.join(left)} skipped: ranges were given, and they describe the model without it")
     if given is not None and wanted:
         notes.append(f"{' and '.join(wanted)} redone: the given ranges were measured on the model after it")
-        if "smoothquant" in wanted and (missing := unusable("smoothquant", data)):
-            raise DataError(f"the given ranges were measured after SmoothQuant, which must be redone for them to "
-                            f"fit, and {missing.removeprefix('smoothquant skipped: ')}: give the calibration "
-                            "data they were measured on (--calib)")
+        for technique, name in (("equalize", "equalization"), ("smoothquant", "SmoothQuant")):
+            if technique in wanted and (missing := unusable(technique, data)):
+                raise DataError(f"the given ranges were measured after {name}, which must be redone for them to "
+                                f"fit, and {missing.removeprefix(f'{technique} skipped: ')}: give the calibration "
+                                "data they were measured on (--calib)")
     if not wanted:
         return model, logged(notes), {}, ()
     if too_large := over_budget(model, wanted):
@@ -59,7 +60,8 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
     rescaled: list[str] = []
     if "equalize" in wanted:
         # Ranges measured after equalization need it again as it was; otherwise it must earn its place.
-        balanced, more = equalize(model, plan) if given is not None else equalized_if_better(model, plan, data, config)
+        balanced, more = equalized(model, plan, data) if given is not None else equalized_if_better(model, plan, data,
+                                                                                                    config)
         notes.extend(more)
         if balanced is not model:  # the input comes back when no pair was balanced or the check left it out
             rescaled.append("equalize")
@@ -80,16 +82,16 @@ def equalized_if_better(model: onnx.ModelProto, plan: QuantPlan, data: Dataset |
     """The equalized model if, quantized, it is closer to the float model than the model as it is, else the model.
 
     Equalization evens out weight ranges, and with them the activation between each pair, channel by channel;
-    whether one per-tensor scale then suits that activation better depends on the model: it took mediapipe's
-    BlazeFace (tf2onnx) from 13.9 and 5.9 dB to 23.2 and 12.5, and cost the PP-OCRv4 detector 4.3 dB. Each variant
-    is calibrated (the configured method) and scored on the first ``EQUALIZE_SAMPLES`` calibration samples, its
-    weights rounded to nearest (the comparison, not the final model); equalization must gain EQUALIZE_MARGIN_DB.
+    whether one per-tensor scale then suits that activation better depends on the model and the pair: balancing
+    every pair took mediapipe's BlazeFace (tf2onnx) from 13.9 and 5.9 dB to 23.2 and 12.5, and cost the PP-OCRv4
+    detector 4.3 dB. So only the pairs predicted to gain much are balanced (``worth_balancing``: one float pass
+    over a few samples), and then the model must earn its place: each variant is calibrated (the configured
+    method) and scored on the first ``EQUALIZE_SAMPLES`` calibration samples, its weights rounded to nearest (the
+    comparison, not the final model); equalization must gain EQUALIZE_MARGIN_DB.
     """
-    balanced, notes = equalize(model, plan)
+    balanced, notes = equalized(model, plan, data)
     if balanced is model:
         return model, notes
-    if missing := unusable("equalize", data):
-        return model, [missing.replace("skipped", "left out"), *notes[1:]]
     check = data.head(EQUALIZE_SAMPLES)
     reference = make_session(model, optimize=False, what="the float model")
     names = plan.activation_names()
@@ -105,6 +107,21 @@ def equalized_if_better(model: onnx.ModelProto, plan: QuantPlan, data: Dataset |
         return model, [f"equalization measured and left out: the output SQNR on {check.name} would go from "
                        f"{without:.2f} to {with_:.2f} dB (it must gain {EQUALIZE_MARGIN_DB:g})", *notes[1:]]
     return balanced, [f"{notes[0]}; SQNR on {check.name} {without:.2f} -> {with_:.2f} dB", *notes[1:]]
+
+
+def equalized(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None) -> tuple[onnx.ModelProto, list[str]]:
+    """The model with the Conv pairs worth balancing on ``data`` balanced (``model`` itself when none is), and
+    notes: the balanced pairs first, then the prediction and the skipped chains."""
+    pairs, skipped = equalization_pairs(model, plan)
+    if not pairs:
+        return equalize(model, plan)
+    if missing := unusable("equalize", data):
+        return model, [missing.replace("equalize skipped", "equalization skipped")]
+    chosen, judged = worth_balancing(model, pairs, data)
+    balanced, notes = equalize(model, plan, chosen)
+    if balanced is model:
+        return model, [judged, *notes]
+    return balanced, [notes[0], judged, *notes[1:]]
 
 
 def refine_plan(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, config: QuantizeConfig
@@ -178,7 +195,7 @@ def logged(notes: list[str]) -> list[str]:
 
 def describe_techniques(model: onnx.ModelProto, plan: QuantPlan, config: QuantizeConfig) -> list[str]:
     """What each chosen technique would do on ``model``, without data (for ``qdq explain``)."""
-    from qdq.optimize.equalize import equalization_pairs
+    from qdq.optimize.equalize import PREDICTED_GAIN_DB
     from qdq.optimize.layers import find_layers
     from qdq.optimize.smoothquant import smoothing_sites
 
@@ -186,10 +203,11 @@ def describe_techniques(model: onnx.ModelProto, plan: QuantPlan, config: Quantiz
     lines = [f"techniques at --optimize {config.optimize}: {', '.join(chosen) or 'none'}"]
     if "equalize" in chosen:
         pairs, skipped = equalization_pairs(model, plan)
-        lines += [f"  equalize: {p.first} -> {p.second} ({p.between})" for p in pairs]
+        lines += [f"  equalize candidate: {p.first} -> {p.second} ({p.between})" for p in pairs]
         if pairs:
-            lines.append(f"  equalize is kept only if it brings the quantized outputs {EQUALIZE_MARGIN_DB:g} dB closer "
-                         "on the calibration data")
+            lines.append(f"  equalize balances only the pairs whose predicted rounding noise drops by "
+                         f"{PREDICTED_GAIN_DB:g} dB on the calibration data, and is kept only if that brings the "
+                         f"quantized outputs {EQUALIZE_MARGIN_DB:g} dB closer")
         lines += [f"  equalize skips {s}" for s in skipped]
     if "smoothquant" in chosen:
         sites, skipped = smoothing_sites(model, plan)
