@@ -350,6 +350,23 @@ def test_equalization_predicts_the_rounding_noise_at_the_second_conv(rng, loudne
     assert (predicted > PREDICTED_GAIN_DB) == (loudness == 40.0)
 
 
+def test_ranges_saved_after_equalization_redo_it_with_the_calibration_data(rng, tmp_path):
+    from qdq.errors import DataError
+    from qdq.range_files import read_ranges, write_ranges
+
+    model = loud_pair(rng, 40.0)
+    calib = rng.normal(size=(48, 16, 6, 6)).astype(np.float32)
+    first = qdq.quantize(model, {"x": calib}, config=QuantizeConfig(techniques=("equalize",)))
+    assert first.ranges.rescaled == ("equalize",)
+    saved = read_ranges(write_ranges(first.ranges, tmp_path / "r.json"))
+    again = qdq.quantize(model, {"x": calib}, ranges=saved, config=QuantizeConfig(optimize=0))
+    assert any("equalize redone" in n for n in again.report.notes), again.report.notes
+    assert {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in again.model.graph.initializer} == \
+        {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in first.model.graph.initializer}
+    with pytest.raises(DataError, match="measured after equalization.*give the calibration data"):
+        qdq.quantize(model, None, ranges=saved)
+
+
 def test_equalization_leaves_pairs_alone_that_it_would_not_help(rng):
     """An even pair (every channel alike): predicted to gain nothing, not balanced, not even checked."""
     model = parse(LOUD_CHANNEL, rng)
