@@ -227,9 +227,10 @@ def add_placement_args(parser: argparse.ArgumentParser) -> None:
 def add_optimize_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("accuracy techniques")
     group.add_argument("--optimize", type=int, choices=(0, 1, 2), default=1,
-                       help="0: nearest rounding only (fastest); 1 (default): SmoothQuant, bias correction, and "
-                            "depthwise Convs with very uneven input channels left float; 2: also learned rounding "
-                            "and cross-layer equalization, each kept where the outputs get closer (slower)")
+                       help="0: nearest rounding only (fastest); 1 (default): cross-layer equalization where "
+                            "predicted to pay, SmoothQuant, bias correction, and depthwise Convs with very uneven "
+                            "input channels left float; 2: also learned rounding, kept where the outputs get "
+                            "closer (slower)")
     group.add_argument("--techniques", type=technique_list, metavar="LIST",
                        help=f"exactly these techniques, comma-separated, instead of the level's "
                             f"({', '.join(TECHNIQUES)}; 'none' for none)")

@@ -62,11 +62,12 @@ class QuantizeConfig:
         ray_address: calibrate the shards as Ray tasks (``""`` starts a local Ray, else a cluster address);
             needs ``pip install "qdq[ray]"``.
         optimize: how hard to work for accuracy beyond calibrated ranges (``qdq.optimize``): 0 is nearest
-            rounding and nothing else; 1 (default) adds SmoothQuant (every MatMul/Gemm input with outlier
-            channels), bias correction, and leaves float the depthwise Convs whose input channels are very
-            uneven (uneven-depthwise); 2 adds learned rounding (greedy up/down flips per weight) and cross-layer
-            equalization, each kept only if the model's outputs on the calibration data get closer to float's;
-            it costs more time (README, "Accuracy techniques").
+            rounding and nothing else; 1 (default) adds cross-layer equalization of the Conv pairs predicted
+            to gain, SmoothQuant (every MatMul/Gemm input with outlier channels), bias correction, and leaves
+            float the depthwise Convs whose input channels are very uneven (uneven-depthwise); 2 adds learned
+            rounding (greedy up/down flips per weight). Equalization, bias correction and learned rounding are
+            each kept only if the model's outputs on the calibration data get closer to float's; level 2 costs
+            more time (README, "Accuracy techniques").
         techniques: exactly these techniques (names in ``qdq.optimize.TECHNIQUES``), overriding the level's
             set; ``()`` for none.
         max_top1_drop: likewise, until the first output's top-1 agreement with the float model is at least
