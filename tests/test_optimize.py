@@ -254,6 +254,28 @@ shared (float[N, 8, 6, 6] x) => (float[N, 16, 6, 6] y, float[N, 16, 6, 6] z) <fl
 }"""
 
 
+@pytest.mark.parametrize("activation", ["PRelu (a, slope)", "LeakyRelu <alpha = 0.1> (a)"])
+def test_equalization_balances_through_prelu_and_leaky_relu(rng, activation):
+    """Both are positively homogeneous whatever their slopes: balancing through them leaves the float model as
+    it was."""
+    model = parse(HEADER + f"""
+leaky (float[N, 3, 8, 8] x) => (float[N, 16, 8, 8] y) <float[16, 3, 3, 3] wa = {{0.0}}, float[16] ba = {{0.0}},
+    float[16, 1, 1] slope = {{0.0}}, float[16, 16, 1, 1] wb = {{0.0}}> {{
+  a = Conv <pads = [1, 1, 1, 1]> (x, wa, ba)
+  r = {activation}
+  y = Conv (r, wb)
+}}""", rng)
+    wa = initializer(model, "wa").copy()
+    wa[[2, 9]] *= 30.0  # uneven rows, so the factors are far from 1
+    model = with_weight(model, "wa", wa)
+    prepared, plan = prepared_plan(model)
+    equalized, notes = equalize(prepared, plan)
+    assert "equalized 1 Conv pairs" in " ".join(notes) and f"({activation.split()[0]})" in " ".join(notes), notes
+    x = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(equalized, {"x": x})[0], run_ort(prepared, {"x": x})[0], rtol=1e-4, atol=1e-4)
+    assert initializer(equalized, "wa").tobytes() != initializer(prepared, "wa").tobytes()
+
+
 def test_equalization_gives_a_shared_bias_a_copy_per_conv(rng):
     model = parse(SHARED_BIAS, rng)
     wa = initializer(model, "wa").copy()

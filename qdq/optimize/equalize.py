@@ -1,12 +1,12 @@
 """Cross-layer equalization: balance the per-channel weight ranges of two convolutions in a chain.
 
-For ``Conv A -> f -> Conv B`` with ``f`` positively homogeneous (``f(x/s) = f(x)/s`` for ``s > 0``: ReLU, or
-nothing), dividing A's output channel ``c`` (weights and bias) by ``s_c`` and multiplying B's input channel
-``c`` by ``s_c`` leaves the float model unchanged. ``s_c = sqrt(r1_c / r2_c)``, with ``r1`` A's per-output
--channel weight range and ``r2`` B's per-input-channel one, makes both ranges ``sqrt(r1·r2)`` (Nagel et al.,
-2019, data-free quantization). That matters most for depthwise-separable nets, whose depthwise channels have
-wildly different ranges. Chains longer than two are balanced by sweeping over the pairs until the factors
-settle.
+For ``Conv A -> f -> Conv B`` with ``f`` positively homogeneous (``f(x/s) = f(x)/s`` for ``s > 0``: ReLU,
+PReLU and LeakyReLU, whatever their slopes, or nothing), dividing A's output channel ``c`` (weights and bias) by
+``s_c`` and multiplying B's input channel ``c`` by ``s_c`` leaves the float model unchanged.
+``s_c = sqrt(r1_c / r2_c)``, with ``r1`` A's per-output-channel weight range and ``r2`` B's per-input-channel
+one, makes both ranges ``sqrt(r1·r2)`` (Nagel et al., 2019, data-free quantization). That matters most for
+depthwise-separable nets, whose depthwise channels have wildly different ranges. Chains longer than two are
+balanced by sweeping over the pairs until the factors settle.
 
 ReLU6 (Clip to [0, 6]) is not homogeneous: ``clip(x/s, 0, 6)·s = clip(x, 0, 6s)`` moves the bound, so such
 pairs are skipped and said so, as are pairs where another node reads the intermediate tensor.
@@ -32,7 +32,7 @@ from qdq.optimize.layers import find_layers, replace_initializer
 from qdq.placement.plan import QuantPlan
 
 SWEEPS = 20
-HOMOGENEOUS = ("Relu",)
+HOMOGENEOUS = ("Relu", "PRelu", "LeakyRelu")
 # A pair is balanced only if the predicted rounding noise at its second Conv drops by this much. Measured on 25
 # trained models (benchmarks/versus.py): mediapipe's BlazeFace has one pair at +16.2 dB (a channel 173x the
 # median), and balancing it alone took the model from 13.9 to 24.3 dB; the next were PP-OCRv5's recogniser at
