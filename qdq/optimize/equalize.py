@@ -33,11 +33,12 @@ from qdq.placement.plan import QuantPlan
 
 SWEEPS = 20
 HOMOGENEOUS = ("Relu", "PRelu", "LeakyRelu")
-# A pair is balanced only if the predicted rounding noise at its second Conv drops by this much. Measured on 25
-# trained models (benchmarks/versus.py): mediapipe's BlazeFace has one pair at +16.2 dB (a channel 173x the
-# median), and balancing it alone took the model from 13.9 to 24.3 dB; the next were PP-OCRv5's recogniser at
-# +11.4 (balanced, its calibration outputs got further from float), PP-OCR's classifier at +10.0 (balancing it
-# cost 2.0 dB) and Silero VAD at +7.4. Balancing every pair lost 0.1-4 dB on 5 of 10 models.
+# A pair is balanced only if the predicted rounding noise at its second Conv drops by this much. Measured on the
+# 29 models and streams of benchmarks/versus.py (17 with pairs): mediapipe's BlazeFace has one pair at +16.2 dB (a
+# channel 173x the median), and balancing it alone took the model from 13.9 to 24.3 dB; the next were PP-OCRv5's
+# recogniser at +11.4 (balanced, its calibration outputs got further from float), PP-OCR's classifier at +10.0
+# (balancing it cost 2.0 dB) and PP-OCRv5's detector at +8.4. Balancing every pair cost the PP-OCRv4 detector
+# 4.3 dB and three more models 0.5-1.0 dB.
 PREDICTED_GAIN_DB = 14.0
 
 

@@ -14,7 +14,7 @@ from qdq.errors import DataError
 from qdq.graph import tensor_bytes
 from qdq.optimize import RELAXATION_ITERATIONS, RESCALING, chosen_techniques
 from qdq.optimize.depthwise import depthwise_sites, leave_uneven_depthwise
-from qdq.optimize.equalize import equalization_pairs, equalize, worth_balancing
+from qdq.optimize.equalize import PREDICTED_GAIN_DB, equalization_pairs, equalize, worth_balancing
 from qdq.optimize.smoothquant import smooth
 from qdq.optimize.weights import not_measured, optimize_weights, quantized_model
 from qdq.placement.plan import QuantPlan
@@ -195,7 +195,6 @@ def logged(notes: list[str]) -> list[str]:
 
 def describe_techniques(model: onnx.ModelProto, plan: QuantPlan, config: QuantizeConfig) -> list[str]:
     """What each chosen technique would do on ``model``, without data (for ``qdq explain``)."""
-    from qdq.optimize.equalize import PREDICTED_GAIN_DB
     from qdq.optimize.layers import find_layers
     from qdq.optimize.smoothquant import smoothing_sites
 
