@@ -171,7 +171,7 @@ def main() -> None:
     reference = run(proto, feeds, model)
 
     def score(label: str, quantized: onnx.ModelProto) -> None:
-        m = metrics(model.task, reference, run(quantized, feeds, model))
+        m = metrics(model, reference, run(quantized, feeds, model))
         print(f"| {args.model} | {label} | {m['sqnr']:.2f} | {m['task']:.4f} |", flush=True)
 
     print("| model | variant | SQNR dB | task metric |\n|---|---|---:|---:|")
