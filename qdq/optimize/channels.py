@@ -37,7 +37,8 @@ def channel_statistics(model: onnx.ModelProto, tensors: list[str], data: Dataset
                 continue
             axes = tuple(a for a in range(value.ndim) if a != 1)
             found = np.fmax.reduce(np.abs(value), axis=axes)
-            square = np.square(value, dtype=np.float64).sum(axis=axes)
+            rows = value.reshape(value.shape[0], value.shape[1], -1)
+            square = np.einsum("nck,nck->c", rows, rows, dtype=np.float64)  # no float64 copy of the tensor
             maxima[name] = found if name not in maxima else np.maximum(maxima[name], found)
             squares[name] = square if name not in squares else squares[name] + square
             counts[name] = counts.get(name, 0) + value.size // value.shape[1]
