@@ -101,3 +101,18 @@ def test_cli_quantizes_and_checks_fp8(tmp_path):
         np.dtype(E4M3)}, "every Q/DQ pair is FP8"
     assert main(["check", str(out), "-q"]) == 0, "qdq check accepts qdq's FP8 output"
     assert main(["explain", str(DIGITS / "digits.onnx"), "--scheme", "fp8", "-q"]) == 0
+
+
+def test_fp8_skips_equalization_which_models_the_int8_grid(rng):
+    """Equalization's prediction and keep-or-drop check count INT8 steps; under FP8 it is skipped, said so."""
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+pair (float[N, 8, 6, 6] x) => (float[N, 8, 6, 6] y) <float[8, 8, 1, 1] wa = {0.0}, float[8, 8, 1, 1] wb = {0.0}> {
+  a = Conv (x, wa)
+  y = Conv (a, wb)
+}""", rng)
+    data = {"x": rng.normal(size=(40, 8, 6, 6)).astype(np.float32)}
+    fp8 = qdq.quantize(model, data, config=qdq.QuantizeConfig(scheme="fp8"))
+    assert "equalize skipped: its prediction and check model the int8 grid, not fp8" in fp8.report.notes
+    assert fp8.ranges.rescaled == ()
+    int8 = qdq.quantize(model, data)
+    assert any(n.startswith("equalization: 0 of 1 Conv pairs") for n in int8.report.notes), int8.report.notes

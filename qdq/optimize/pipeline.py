@@ -52,6 +52,9 @@ def before_calibration(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | 
                 raise DataError(f"the given ranges were measured after {name}, which must be redone for them to "
                                 f"fit, and {missing.removeprefix(f'{technique} skipped: ')}: give the calibration "
                                 "data they were measured on (--calib)")
+    if "equalize" in wanted and given is None and config.scheme != "int8":
+        wanted.remove("equalize")
+        notes.append(f"equalize skipped: its prediction and check model the int8 grid, not {config.scheme}")
     if not wanted:
         return model, logged(notes), {}, ()
     if too_large := over_budget(model, wanted):
