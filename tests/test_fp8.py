@@ -56,7 +56,7 @@ def test_fp8_gemm_is_exactly_the_reference(rng):
 
 def test_fp8_places_q_dq_on_weighted_ops_only(rng):
     model = parse(RESIDUAL, rng)
-    x = rng.standard_normal((4, 8, 6, 6)).astype(np.float32)
+    x = rng.standard_normal((4, 16, 6, 6)).astype(np.float32)
     int8 = qdq.explain(model)
     fp8 = qdq.explain(model, config=qdq.QuantizeConfig(scheme="fp8"))
     add = next(d for d in fp8.decisions if d.op == "Add")
@@ -106,11 +106,11 @@ def test_cli_quantizes_and_checks_fp8(tmp_path):
 def test_fp8_skips_equalization_which_models_the_int8_grid(rng):
     """Equalization's prediction and keep-or-drop check count INT8 steps; under FP8 it is skipped, said so."""
     model = parse("""<ir_version: 8, opset_import: ["" : 17]>
-pair (float[N, 8, 6, 6] x) => (float[N, 8, 6, 6] y) <float[8, 8, 1, 1] wa = {0.0}, float[8, 8, 1, 1] wb = {0.0}> {
+pair (float[N, 16, 6, 6] x) => (float[N, 16, 6, 6] y) <float[16, 16, 1, 1] wa = {0.0}, float[16, 16, 1, 1] wb = {0.0}> {
   a = Conv (x, wa)
   y = Conv (a, wb)
 }""", rng)
-    data = {"x": rng.normal(size=(40, 8, 6, 6)).astype(np.float32)}
+    data = {"x": rng.normal(size=(40, 16, 6, 6)).astype(np.float32)}
     fp8 = qdq.quantize(model, data, config=qdq.QuantizeConfig(scheme="fp8"))
     assert "equalize skipped: its prediction and check model the int8 grid, not fp8" in fp8.report.notes
     assert fp8.ranges.rescaled == ()

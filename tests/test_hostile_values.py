@@ -117,10 +117,10 @@ def test_non_finite_weights_name_the_initializer(rng, bad):
 
 def test_a_zero_size_conv_weight_is_a_model_error(tmp_path, capsys):
     model = onnx.parser.parse_model(HEADER + """
-    g (float[1, 0, 8, 8] x) => (float[1, 4, 8, 8] y) <float[4, 0, 3, 3] w = {0.0}> {
+    g (float[1, 0, 8, 8] x) => (float[1, 16, 8, 8] y) <float[16, 0, 3, 3] w = {0.0}> {
       y = Conv <pads = [1, 1, 1, 1]> (x, w)
     }""")
-    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((4, 0, 3, 3), np.float32), "w"))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((16, 0, 3, 3), np.float32), "w"))
     onnx.save(model, str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 1, 0, 8, 8), np.float32))
     code, _, err = run(capsys, "quantize", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--calib",

@@ -184,6 +184,33 @@ def test_tiny_channel_conv_stays_float_but_not_the_first_layer(rng):
     assert "16" not in small.reason.split(":")[0], "only the side below 16 is named"
 
 
+@pytest.mark.parametrize("graph, quantized, reason", [
+    ("(float[N, 8, 8, 8] x) => (float[N, 8, 8, 8] y) <float[8, 8, 3, 3] w = {0.0}, float[8, 8, 1, 1] v = {0.0}> {"
+     " a = Conv (x, v) y = Conv <pads = [1, 1, 1, 1]> (a, w) }", False, "8 input and 8 output channels, both below 16"),
+    ("(float[N, 3, 8, 8] x) => (float[N, 8, 8, 8] y) <float[8, 3, 3, 3] w = {0.0}> {"
+     " y = Conv <pads = [1, 1, 1, 1]> (x, w) }", False, "3 input and 8 output channels, both below 16"),
+    ("(float[N, 3, 8, 8] x) => (float[N, 5, 8, 8] y) <float[5, 3, 3, 3] w = {0.0}> {"
+     " y = Conv <pads = [1, 1, 1, 1]> (x, w) }", False, "3 input and 5 output channels, both below 16"),
+    ("(float[N, 8, 8, 1] x) => (float[N, 8, 8, 8] y) <float[8, 1, 3, 3] w = {0.0}> {"
+     " t = Transpose <perm = [0, 3, 1, 2]> (x) y = Conv <pads = [1, 1, 1, 1]> (t, w) }", False,
+     "1 input and 8 output channels, both below 16"),
+    ("(float[N, 28, 8, 8] x) => (float[N, 28, 8, 8] y) <float[28, 1, 3, 3] w = {0.0}> {"
+     " y = Conv <pads = [1, 1, 1, 1], group = 28> (x, w) }", False, "28 output channels, not a multiple of 8"),
+    ("(float[N, 32, 8, 8] x) => (float[N, 32, 8, 8] y) <float[32, 1, 3, 3] w = {0.0}> {"
+     " y = Conv <pads = [1, 1, 1, 1], group = 32> (x, w) }", True, ""),
+], ids=["8-to-8", "first-layer-3-to-8", "first-layer-3-to-5", "stem-behind-a-transpose", "depthwise-28",
+        "depthwise-32"])
+def test_small_channel_convs_follow_model_optimizers_int8_rule(graph, quantized, reason, rng):
+    """Model Optimizer's INT8 Conv conditions, but both sides below 16 stay float for a first layer too (fer's
+    and mediapipe's stems behind tf2onnx's Transpose, and PP-OCR's 3->8 stem, measured better float); grouped
+    Convs need output channels in multiples of 8."""
+    plan = plan_of(parse(HEADER + "\ng " + graph, rng))
+    last = plan.decisions[-1]
+    assert last.quantized == quantized and reason in last.reason, last
+    if not quantized:
+        assert last.rule == "tiny-conv", last
+
+
 def test_a_1x1_depthwise_conv_is_a_per_channel_scale_and_stays_float(rng):
     """tf2onnx writes a BatchNormalization it cannot fold (behind a PReLU) as a 1x1 depthwise Conv; a 3x3
     depthwise Conv is a layer."""

@@ -14,7 +14,7 @@ from qdq.scheme import INT8
 HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
 
 CONV = HEADER + """
-conv (float[N, 4, 8, 8] x) => (float[N, 8, 8, 8] y) <float[8, 4, 3, 3] w = {0.0}, float[8] b = {0.0}> {
+conv (float[N, 4, 8, 8] x) => (float[N, 16, 8, 8] y) <float[16, 4, 3, 3] w = {0.0}, float[16] b = {0.0}> {
   y = Conv <pads = [1, 1, 1, 1]> (x, w, b)
 }"""
 
@@ -46,8 +46,8 @@ attn (float[N, 24, 16] q, float[N, 16, 24] k) => (float[N, 24, 24] y) {
 
 # x -> Conv -> Relu -> Conv -> Add(x) -> Relu : a residual block; x feeds both a Conv and the Add.
 RESIDUAL = HEADER + """
-block (float[N, 8, 6, 6] x) => (float[N, 8, 6, 6] y)
-<float[8, 8, 3, 3] w1 = {0.0}, float[8] b1 = {0.0}, float[8, 8, 3, 3] w2 = {0.0}, float[8] b2 = {0.0}> {
+block (float[N, 16, 6, 6] x) => (float[N, 16, 6, 6] y)
+<float[16, 16, 3, 3] w1 = {0.0}, float[16] b1 = {0.0}, float[16, 16, 3, 3] w2 = {0.0}, float[16] b2 = {0.0}> {
   a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
   r = Relu (a)
   c = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
@@ -61,7 +61,7 @@ CASES = {
     "gemm": (GEMM, {"x": (3, 16)}, {"Gemm": 1}),
     "gemm_transB": (GEMM_TRANS_B, {"x": (3, 16)}, {"Gemm": 0}),
     "matmul": (MATMUL, {"x": (3, 5, 16)}, {"MatMul": 1}),
-    "residual": (RESIDUAL, {"x": (3, 8, 6, 6)}, {"Conv": 0}),
+    "residual": (RESIDUAL, {"x": (3, 16, 6, 6)}, {"Conv": 0}),
 }
 
 
@@ -145,7 +145,7 @@ def test_two_activation_matmul_quantizes_both_operands_per_tensor(rng):
 
 def test_residual_tensor_shared_by_two_consumers_gets_one_pair(rng):
     model = parse(RESIDUAL, rng)
-    out = qdq.quantize(model, feeds_for({"x": (2, 8, 6, 6)}, rng)).model
+    out = qdq.quantize(model, feeds_for({"x": (2, 16, 6, 6)}, rng)).model
     quantizers_of_x = [q for q in nodes_by_op(out, "QuantizeLinear") if q.input[0] == "x"]
     assert len(quantizers_of_x) == 1, "x feeds the first Conv and the residual Add through one pair"
     add, = nodes_by_op(out, "Add")
@@ -183,7 +183,7 @@ def test_per_channel_weight_scales_are_channel_amax_over_127(rng):
     w = initializer(model, "w")
     expected = (np.abs(w).max(axis=(1, 2, 3)).astype(np.float64) / INT8.qmax).astype(np.float32)
     np.testing.assert_array_equal(initializer(out, weight_dq.input[1]), expected)
-    np.testing.assert_array_equal(initializer(out, weight_dq.input[2]), np.zeros(8, np.int8))
+    np.testing.assert_array_equal(initializer(out, weight_dq.input[2]), np.zeros(16, np.int8))
     q = initializer(out, weight_dq.input[0])
     assert np.abs(q).max() == 127, "each channel's largest weight maps to ±127"
 

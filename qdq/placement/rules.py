@@ -26,7 +26,7 @@ from qdq.placement.graph_view import (
 from qdq.placement.plan import Decision, QuantInput
 
 MIN_GEMM_DIM = 16  # [MO] GEMMs with K or N below this gain nothing from INT8 tensor cores
-MIN_CONV_CHANNELS = 16  # [MO] Convs with fewer input/output channels (but multiples of 8 and the first layer)
+MIN_CONV_CHANNELS = 16  # [MO] Convs with fewer channels on both sides, or on one side and not a multiple of 8
 MAX_ATTENTION_SEQUENCE = 512  # [MO] attention MatMuls over longer sequences stay float
 
 
@@ -108,8 +108,18 @@ def spectral(node: gs.Node) -> str | None:
 
 
 def tiny_conv(node: gs.Node, ctx: PlanContext) -> str | None:
-    """[MO] Too few channels for INT8 kernels to pay off; multiples of 8 and the first layer are fine. Grouped
-    Convs with few channels per group need a kernel of at least 3 (a 1x1 depthwise Conv is a per-channel scale)."""
+    """[MO] Too few channels for INT8 kernels to pay off, as Model Optimizer's ``find_nodes_from_convs_to_exclude``
+    decides for INT8 Convs.
+
+    A Conv with fewer than 16 channels on both sides stays float unless it reads a model input directly and one
+    side is a multiple of 8; a stem behind tf2onnx's NHWC->NCHW Transpose stays float too (Model Optimizer's test
+    misses it, and float is what measured better). Measured with benchmarks/versus.py before this rule, with these
+    Convs float: fer's two 8-channel stems +0.9 to +3.8 dB on four splits of its data, the PP-OCR classifier's two
+    8->8 Convs +1.9, mediapipe's hand-crop stems (3->8 behind the Transpose, 8->8) +0.4 to +1.2. Fewer than 16
+    on one side (and any ConvTranspose): a multiple of 8, or the first layer, even behind the Transpose and a
+    Rescaling. Grouped Convs with few channels per group need a kernel of at least 3 (a 1x1 depthwise Conv is a
+    per-channel scale) and output channels in multiples of 8.
+    """
     shape = node.inputs[1].shape
     group = int(node.attrs.get("group", 1))
     if node.op == "Conv":
@@ -117,12 +127,21 @@ def tiny_conv(node: gs.Node, ctx: PlanContext) -> str | None:
     else:
         in_channels, out_channels = int(shape[0]), int(shape[1]) * group
     kernel = [int(k) for k in shape[2:]]
-    if node.op == "Conv" and group > 1 and int(shape[1]) < MIN_CONV_CHANNELS and kernel and min(kernel) < 3:
-        # A depthwise 1x1 Conv is a per-channel scale and bias (tf2onnx writes a BatchNormalization it cannot fold
-        # past a PReLU this way): int8 gives it nothing to speed up and its output only adds a rounding.
-        what = "a per-channel scale" if int(shape[1]) == 1 and max(kernel) == 1 else "a kernel side below 3"
-        return (f"grouped Conv with {int(shape[1])} input channels per group and a {'x'.join(map(str, kernel))} "
-                f"kernel ({what}): INT8 gains nothing")
+    if node.op == "Conv" and group > 1 and int(shape[1]) < MIN_CONV_CHANNELS:
+        size = "x".join(map(str, kernel))
+        if kernel and min(kernel) < 3:
+            # A depthwise 1x1 Conv is a per-channel scale and bias (tf2onnx writes a BatchNormalization it cannot
+            # fold past a PReLU this way): int8 gives it nothing to speed up and its output only adds a rounding.
+            what = "a per-channel scale" if int(shape[1]) == 1 and max(kernel) == 1 else "a kernel side below 3"
+            return (f"grouped Conv with {int(shape[1])} input channels per group and a {size} kernel ({what}): "
+                    "INT8 gains nothing")
+        if out_channels % 8:
+            return (f"grouped Conv with {int(shape[1])} input channels per group and {out_channels} output channels, "
+                    "not a multiple of 8: INT8 kernels do not take it")
+        return None
+    if node.op == "Conv" and in_channels < MIN_CONV_CHANNELS and out_channels < MIN_CONV_CHANNELS:
+        return (f"{in_channels} input and {out_channels} output channels, both below {MIN_CONV_CHANNELS}: too little "
+                "work for INT8 to gain anything")
     if source_through_preprocessing(node.inputs[0]).name in ctx.graph_inputs:
         return None  # the first layer, even behind an NHWC->NCHW Transpose and a Rescaling (tf2onnx exports)
     small = [f"{c} {side}" for c, side in ((in_channels, "input"), (out_channels, "output"))
