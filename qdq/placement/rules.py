@@ -109,16 +109,14 @@ def spectral(node: gs.Node) -> str | None:
 
 def tiny_conv(node: gs.Node, ctx: PlanContext) -> str | None:
     """[MO] Too few channels for INT8 kernels to pay off, as Model Optimizer's ``find_nodes_from_convs_to_exclude``
-    decides for INT8 Convs.
-
-    A Conv with fewer than 16 channels on both sides stays float unless it reads a model input directly and one
-    side is a multiple of 8; a stem behind tf2onnx's NHWC->NCHW Transpose stays float too (Model Optimizer's test
-    misses it, and float is what measured better). Measured with benchmarks/versus.py before this rule, with these
-    Convs float: fer's two 8-channel stems +0.9 to +3.8 dB on four splits of its data, the PP-OCR classifier's two
-    8->8 Convs +1.9, mediapipe's hand-crop stems (3->8 behind the Transpose, 8->8) +0.4 to +1.2. Fewer than 16
-    on one side (and any ConvTranspose): a multiple of 8, or the first layer, even behind the Transpose and a
-    Rescaling. Grouped Convs with few channels per group need a kernel of at least 3 (a 1x1 depthwise Conv is a
-    per-channel scale) and output channels in multiples of 8.
+    decides for INT8 Convs, with one difference: a Conv with fewer than 16 channels on both sides stays float even
+    as the first layer (Model Optimizer keeps one that reads the model input directly with a side a multiple of 8,
+    and misses one behind tf2onnx's NHWC->NCHW Transpose). Measured with benchmarks/versus.py, these float: fer's
+    two 8-channel stems (behind the Transpose) +0.9 to +3.8 dB on four splits of its data, the PP-OCR classifier's
+    3->8 stem and two 8->8 Convs +2.1 (+1.9 with its stem quantized), mediapipe's hand-crop stems +0.4 to +1.2.
+    Fewer than 16 on one side (and any ConvTranspose): a multiple of 8, or the first layer, even behind the
+    Transpose and a Rescaling. Grouped Convs with few channels per group need a kernel of at least 3 (a 1x1
+    depthwise Conv is a per-channel scale) and output channels in multiples of 8.
     """
     shape = node.inputs[1].shape
     group = int(node.attrs.get("group", 1))
