@@ -95,6 +95,7 @@ def equalized_if_better(model: onnx.ModelProto, plan: QuantPlan, data: Dataset |
     balanced, notes = equalized(model, plan, data)
     if balanced is model:
         return model, notes
+    judged, done, *rest = notes
     check = data.head(EQUALIZE_SAMPLES)
     reference = make_session(model, optimize=False, what="the float model")
     names = plan.activation_names()
@@ -105,16 +106,16 @@ def equalized_if_better(model: onnx.ModelProto, plan: QuantPlan, data: Dataset |
 
     without, with_ = score(model), score(balanced)
     if unmeasurable := not_measured("equalization", check.name, without, with_):
-        return model, [unmeasurable, *notes[1:]]
+        return model, [judged, unmeasurable, *rest]
     if with_ < without + EQUALIZE_MARGIN_DB:
-        return model, [f"equalization measured and left out: the output SQNR on {check.name} would go from "
-                       f"{without:.2f} to {with_:.2f} dB (it must gain {EQUALIZE_MARGIN_DB:g})", *notes[1:]]
-    return balanced, [f"{notes[0]}; SQNR on {check.name} {without:.2f} -> {with_:.2f} dB", *notes[1:]]
+        return model, [judged, f"equalization measured and left out: the output SQNR on {check.name} would go from "
+                               f"{without:.2f} to {with_:.2f} dB (it must gain {EQUALIZE_MARGIN_DB:g})", *rest]
+    return balanced, [judged, f"{done}; SQNR on {check.name} {without:.2f} -> {with_:.2f} dB", *rest]
 
 
 def equalized(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None) -> tuple[onnx.ModelProto, list[str]]:
     """The model with the Conv pairs worth balancing on ``data`` balanced (``model`` itself when none is), and
-    notes: the balanced pairs first, then the prediction and the skipped chains."""
+    notes: the prediction, then the balanced pairs (when some are), then the skipped chains."""
     pairs, skipped = equalization_pairs(model, plan)
     if not pairs:
         return equalize(model, plan)
@@ -122,9 +123,7 @@ def equalized(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None) -> 
         return model, [missing.replace("equalize skipped", "equalization skipped")]
     chosen, judged = worth_balancing(model, pairs, data)
     balanced, notes = equalize(model, plan, chosen)
-    if balanced is model:
-        return model, [judged, *notes]
-    return balanced, [notes[0], judged, *notes[1:]]
+    return balanced, [judged, *notes]
 
 
 def refine_plan(model: onnx.ModelProto, plan: QuantPlan, data: Dataset | None, config: QuantizeConfig
