@@ -221,9 +221,8 @@ def every_node(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.NodeProto]]:
 def nested_nodes(node: onnx.NodeProto) -> Iterator[onnx.NodeProto]:
     """Every node inside the node's subgraphs, at any depth."""
     for subgraph in subgraphs(node):
-        for inner in subgraph.node:
+        for _, inner in every_node(subgraph):
             yield inner
-            yield from nested_nodes(inner)
 
 
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:

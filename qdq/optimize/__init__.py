@@ -4,8 +4,8 @@ Level 0 is nearest rounding of the weights and calibrated ranges, nothing more; 
 techniques and cross-layer equalization where a data pass predicts it pays; 2 adds learned rounding, kept only
 where it brings the outputs closer. Each technique is a separate module and can be switched on or off by name
 (``QuantizeConfig.techniques``):
-  equalize         cross-layer equalization of the Conv -> (ReLU | identity) -> Conv pairs predicted to gain
-                   (float-exact), kept if the quantized outputs on calibration data get closer
+  equalize         cross-layer equalization of the Conv -> (ReLU | PReLU | LeakyReLU | identity) -> Conv pairs
+                   predicted to gain (float-exact), kept if the quantized outputs on calibration data get closer
   smoothquant      SmoothQuant migration into MatMul/Gemm weights (float-exact)
   adaround         learned rounding: each weight rounded up or down for its layer's output error
   bias-correction  the mean output shift of weight quantization folded into the biases

@@ -134,16 +134,13 @@ def predicted_gain(first: np.ndarray, second: np.ndarray, groups: int, channels:
     row's input channels. Balancing divides channel ``c`` of the tensor by ``s_c`` and multiplies B's input
     channel ``c`` by it (per-channel scales make A's rounding independent of ``s``).
     """
-    r1 = np.abs(first).reshape(first.shape[0], -1).max(axis=1)
-    r2 = np.abs(second).reshape(groups, second.shape[0] // groups, second.shape[1], -1).max(axis=(1, 3)).reshape(-1)
-    factors = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.maximum(r2, 1e-30)), 1.0)
+    factors = balancing_factors(first, second, groups)
     maxima, squares = channels.max.astype(np.float64), channels.mean_square.astype(np.float64)
     if maxima.shape != factors.shape or not (np.isfinite(maxima).all() and np.isfinite(squares).all()):
         return -np.inf
 
     def noise(scale: np.ndarray) -> float:
-        weight = second.reshape(groups, second.shape[0] // groups, second.shape[1], -1) * scale.reshape(
-            groups, 1, -1, 1)
+        weight = by_group(second, groups) * scale.reshape(groups, 1, -1, 1)
         activation = (maxima / scale).max() ** 2 * np.sum(weight ** 2)
         energy = (squares / scale ** 2).reshape(groups, -1).sum(axis=1) * weight.shape[3]  # per group
         rows = np.abs(weight).max(axis=(2, 3)) ** 2 * energy[:, None]
@@ -151,6 +148,19 @@ def predicted_gain(first: np.ndarray, second: np.ndarray, groups: int, channels:
 
     before, after = noise(np.ones_like(factors)), noise(factors)
     return float(10 * np.log10(before / after)) if before > 0 and after > 0 else -np.inf
+
+
+def balancing_factors(first: np.ndarray, second: np.ndarray, groups: int) -> np.ndarray:
+    """``s_c = sqrt(r1_c / r2_c)`` per channel between the pair: ``r1`` the first Conv's output-channel weight
+    range, ``r2`` the second's input-channel one (1 where either is 0)."""
+    r1 = np.abs(first).reshape(first.shape[0], -1).max(axis=1)
+    r2 = np.abs(by_group(second, groups)).max(axis=(1, 3)).reshape(-1)
+    return np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.maximum(r2, 1e-30)), 1.0)
+
+
+def by_group(weight: np.ndarray, groups: int) -> np.ndarray:
+    """A Conv weight as ``[groups, out channels per group, in channels per group, taps]``."""
+    return weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
 
 
 def equalize(model: onnx.ModelProto, plan: QuantPlan, only: list[Pair] | None = None
@@ -185,14 +195,11 @@ def balance(model: onnx.ModelProto, pairs: list[Pair]) -> onnx.ModelProto:
         for p in pairs:
             a, b = weights[p.first], weights[p.second]
             groups = group_count(nodes[p.second])
-            r1 = np.abs(a).reshape(a.shape[0], -1).max(axis=1)
-            per_group = np.abs(b).reshape(groups, b.shape[0] // groups, b.shape[1], -1)
-            r2 = per_group.max(axis=(1, 3)).reshape(-1)
-            factors = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.maximum(r2, 1e-30)), 1.0)
+            factors = balancing_factors(a, b, groups)
             weights[p.first] = a / factors.reshape(-1, *[1] * (a.ndim - 1))
             if biases[p.first] is not None:
                 biases[p.first] = biases[p.first] / factors
-            weights[p.second] = (b.reshape(per_group.shape) * factors.reshape(groups, 1, -1, 1)).reshape(b.shape)
+            weights[p.second] = (by_group(b, groups) * factors.reshape(groups, 1, -1, 1)).reshape(b.shape)
             largest = max(largest, float(np.abs(np.log(factors)).max(initial=0.0)))
         if largest < 1e-4:
             break
