@@ -38,7 +38,7 @@ class LayerSensitivity:
 class SensitivityReport:
     output: str
     all_db: float  # every planned layer quantized
-    layers: tuple[LayerSensitivity, ...]  # most sensitive first: the largest gain when left float
+    layers: tuple[LayerSensitivity, ...]  # most sensitive first: the most output noise added (``added_noise``)
 
     def describe(self) -> str:
         lines = [f"output {self.output}: {self.all_db:.2f} dB with every layer quantized",
@@ -77,7 +77,7 @@ class Evaluator:
 
 
 def layer_sensitivity(plan: QuantPlan, evaluate: Evaluator, *, progress: bool = False) -> SensitivityReport:
-    """Quantize one layer at a time, and all but one layer at a time; rank layers by what leaving them float gains."""
+    """Quantize one layer at a time, and all but one layer at a time; rank layers by the output noise they add."""
     layers = plan.quantized_nodes()
     everything = {d.node for d in layers}
     all_db = evaluate(plan)
@@ -86,9 +86,24 @@ def layer_sensitivity(plan: QuantPlan, evaluate: Evaluator, *, progress: bool = 
         only = evaluate(restrict(plan, {layer.node}))
         without = evaluate(restrict(plan, everything - {layer.node}))
         results.append(LayerSensitivity(layer.node, layer.op, only, without))
-    results.sort(key=lambda r: (-(r.without_db - all_db), r.only_db, r.node))
+    results.sort(key=lambda r: (-added_noise(r, all_db), r.only_db, r.node))
     output = evaluate.float_session.get_outputs()[0].name
     return SensitivityReport(output, all_db, tuple(results))
+
+
+def added_noise(layer: LayerSensitivity, all_db: float) -> float:
+    """The output noise a layer adds, relative to the signal: the larger of its noise alone and the noise that
+    leaving it float removes from the fully quantized model.
+
+    The two agree where the layers' errors add up. Where they do not, either can miss a layer: on PP-OCRv5's
+    detector two Convs each read about 16 dB alone, and leaving either float lowers the fully quantized model's
+    8.5 dB (their errors partly cancel others'); ranked by what leaving them float gains, they came last, and a
+    15 dB target left 52 layers float instead of 3.
+    """
+    def noise(db: float) -> float:
+        return 10 ** (-db / 10)
+
+    return max(noise(layer.only_db), noise(all_db) - noise(layer.without_db))
 
 
 @dataclass(frozen=True)
@@ -129,7 +144,12 @@ class Fallback:
 
 
 def fall_back(plan: QuantPlan, evaluate: Evaluator, goal: Goal, *, progress: bool = False) -> Fallback:
-    """Leave the most sensitive layers float, one more at a time, until ``goal`` is met on the evaluation data."""
+    """Leave the most sensitive layers float (the order of ``layer_sensitivity``), one more at a time, until
+    ``goal`` is met on the evaluation data; then quantize again, last first, each of them the goal can do without.
+
+    The second step matters because errors of layers can cancel: leaving one float can lower the SQNR until its
+    partner is float too, and a layer that helped early can be unneeded once a later one is float.
+    """
     first = evaluate.metrics(plan)
     if goal.met(first):
         return Fallback(plan, (), goal.describe(first), goal.describe(first), True)
@@ -143,5 +163,13 @@ def fall_back(plan: QuantPlan, evaluate: Evaluator, goal: Goal, *, progress: boo
         metrics = evaluate.metrics(current)
         log.info("left %s float: %s", layer.node, goal.describe(metrics))
         if goal.met(metrics):
-            return Fallback(current, tuple(left), goal.describe(first), goal.describe(metrics), True)
-    return Fallback(current, tuple(left), goal.describe(first), goal.describe(metrics), False)
+            break
+    else:
+        return Fallback(current, tuple(left), goal.describe(first), goal.describe(metrics), False)
+    for node in reversed(left[:-1]):  # the last one was needed: without it the goal was not met
+        trial = restrict(plan, quantized - set(left) | {node})
+        if goal.met(measured := evaluate.metrics(trial)):
+            log.info("quantized %s again: %s", node, goal.describe(measured))
+            left.remove(node)
+            current, metrics = trial, measured
+    return Fallback(current, tuple(left), goal.describe(first), goal.describe(metrics), True)

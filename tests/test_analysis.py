@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -13,8 +14,9 @@ from onnx import numpy_helper
 import qdq
 from qdq.calibrate.data import input_specs, open_data
 from qdq.cli import main
-from qdq.compare import OutputAccumulator, attribute_error
+from qdq.compare import OutputAccumulator, OutputMetrics, attribute_error
 from qdq.inspect import inspect_model
+from qdq.sensitivity import Goal, fall_back, layer_sensitivity
 
 HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
 
@@ -31,6 +33,16 @@ g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] y)
   y = Conv <pads = [1, 1, 1, 1]> (rb, w3)
 }"""
 
+
+CHAIN4 = HEADER + """
+g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] y)
+<float[16, 16, 1, 1] w1 = {0.0}, float[16, 16, 1, 1] w2 = {0.0}, float[16, 16, 1, 1] w3 = {0.0},
+ float[16, 16, 1, 1] w4 = {0.0}> {
+  a = Conv (x, w1)
+  b = Conv (a, w2)
+  c = Conv (b, w3)
+  y = Conv (c, w4)
+}"""
 
 def fragile_model(rng) -> onnx.ModelProto:
     model = parse(FRAGILE, rng, weight_scale=0.1)
@@ -73,6 +85,38 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_the_target_leaves_it_floa
     assert not next(d for d in result.plan.decisions if d.node == "Conv_b").quantized
     assert next(d for d in result.plan.decisions if d.node == "Conv_y").quantized, "only what the target needs"
     assert any("stay float (Conv_b)" in note for note in result.report.notes)
+
+
+class VectorErrors:
+    """An evaluator for ``fall_back`` whose output error is the sum of fixed error vectors, one per quantized
+    layer, on an output of unit power: errors of layers can cancel, as they do in real models."""
+
+    float_session = SimpleNamespace(get_outputs=lambda: [SimpleNamespace(name="y")])
+
+    def __init__(self, errors: dict[str, list[float]]) -> None:
+        self.errors = {node: np.array(e) for node, e in errors.items()}
+
+    def metrics(self, plan) -> OutputMetrics:
+        error = sum((self.errors[d.node] for d in plan.quantized_nodes()), np.zeros(3))
+        return OutputMetrics("y", -10 * np.log10(max(float(error @ error), 1e-30)), float(np.abs(error).max()))
+
+    def __call__(self, plan) -> float:
+        return self.metrics(plan).sqnr_db
+
+
+def test_fallback_ranks_by_added_noise_and_reaches_the_target_through_cancelling_layers():
+    plan = qdq.explain(parse(CHAIN4, np.random.default_rng(0)))
+    a, b, c, d = (x.node for x in plan.quantized_nodes())
+    # a and b cancel to 0.1 in x; leaving either float alone lowers the SQNR (19.0 dB with all four quantized).
+    evaluate = VectorErrors({a: [1.0, 0, 0], b: [-0.9, 0, 0], c: [0, 0.05, 0], d: [0, 0, 0.01]})
+    report = layer_sensitivity(plan, evaluate)
+    assert [x.node for x in report.layers] == [a, b, c, d], report.describe()
+    assert report.layers[0].without_db < report.all_db, "a's error partly cancels b's"
+
+    result = fall_back(plan, evaluate, Goal(min_sqnr_db=30.0))
+    # Ranked by what leaving each float gains alone (c, d, then a and b, which lose), every layer went float.
+    assert result.met and result.left_float == (a, b, c), result
+    assert result.after == "40.00 dB"
 
 
 def test_target_sqnr_needs_evaluation_data(rng):
