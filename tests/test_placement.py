@@ -489,6 +489,22 @@ g (float[N, 1, 512] x) => (float[N, 16, 30] y) <float[16, 1, 8] lowpass = {0.0},
   y = Conv <pads = [1, 1]> (l, w)
 }"""
 
+# onnx-asr's STFT as one Conv (real and imaginary rows), reshaped to [N, 2, F, T] and reduced by ReduceSumSquare
+# (or ReduceL2, the magnitude) over the pair; then the mel filterbank, a floor and the Log; then a dense layer.
+REDUCED_POWER = HEADER + """
+g (float[N, 1, 512] x) => (float[N, 30, 16] y) <float[32, 1, 32] stft = {0.0}, float[16, 16] mel = {0.0},
+    float[16, 16] dense = {0.0}, int64[4] shape = {0, 2, 16, 30}, float eps = {0.001}> {
+  s = Conv <strides = [16]> (x, stft)
+  r = Reshape (s, shape)
+  p = REDUCE <axes = [1], keepdims = 0> (r)
+  t = Transpose <perm = [0, 2, 1]> (p)
+  m = MatMul (t, mel)
+  c = Clip (m, eps)
+  l = Log (c)
+  y = MatMul (l, dense)
+}"""
+
+
 # Squares that are no spectrum: tanh-GELU's x·x, and a square alone.
 NOT_A_SPECTRUM = HEADER + """
 g (float[N, 8, 32] x) => (float[N, 8, 32] y, float[N, 8, 32] z) <float[32, 32] w1 = {0.0}, float[32, 32] w2 = {0.0},
@@ -521,6 +537,17 @@ def test_a_cqt_summed_by_reducesum_through_negation_and_concats_stays_float(rng)
         assert decision(plan, node).rule == "spectrum" and "feeds the logarithm" in decision(plan, node).reason, \
             decision(plan, node)
     assert decision(plan, "Conv_y").quantized, "after the Log the network is an ordinary CNN"
+
+
+@pytest.mark.parametrize("reduce", ["ReduceSumSquare", "ReduceL2"])
+def test_an_stft_conv_reduced_by_sum_of_squares_into_a_log_stays_float(rng, reduce):
+    """The STFT Conv and the filterbank reach the Log through the reduction: both float (the Conv was quantized
+    when only ReduceSum counted, and onnx-asr's front ends read 4-5 dB)."""
+    plan = plan_of(parse(REDUCED_POWER.replace("REDUCE", reduce), rng))
+    for node in ("Conv_s", "MatMul_m"):
+        assert decision(plan, node).rule == "spectrum" and "feeds the logarithm Log_l" in decision(plan, node).reason, \
+            decision(plan, node)
+    assert decision(plan, "MatMul_y").quantized, "after the Log the network is an ordinary dense layer"
 
 
 def test_squares_that_are_no_spectrum_leave_layers_quantized(rng):

@@ -154,9 +154,11 @@ def spectrum(tensor: gs.Tensor) -> str | None:
 
 
 # What a logarithm's input may pass through from a layer's output and still carry its errors unfiltered: copies,
-# linear layers and arithmetic, the magnitude's square root and sums (ReduceSum over real and imaginary parts).
+# linear layers and arithmetic, the magnitude's square root and sums (ReduceSum over real and imaginary parts, or
+# ReduceSumSquare and ReduceL2 doing the squares too: onnx-asr's STFT-as-Conv front ends).
 TOWARDS_LOG_OPS = SPECTRUM_COPY_OPS | WEIGHTED_OPS | frozenset(
-    {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Abs", "Clip", "Max", "Min", "Sum", "Concat", "ReduceSum", "Neg"})
+    {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Abs", "Clip", "Max", "Min", "Sum", "Concat", "ReduceSum",
+     "ReduceSumSquare", "ReduceL2", "Neg"})
 
 
 def logarithm_after(tensor: gs.Tensor, limit: int = 128) -> gs.Node | None:
