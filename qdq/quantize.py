@@ -27,7 +27,13 @@ from qdq.graph import nested_nodes, structure_only
 from qdq.inspect import REASONS_KEY
 from qdq.model_io import check_in_memory, first_line, load_model, save_model
 from qdq.ops import CONTROL_FLOW_OPS, WEIGHTED_OPS
-from qdq.optimize.pipeline import after_calibration, before_calibration, describe_techniques, refine_plan
+from qdq.optimize.pipeline import (
+    after_calibration,
+    before_calibration,
+    describe_techniques,
+    leave_dominant_layers,
+    refine_plan,
+)
 from qdq.passes.attributes import DropEmptyAxes
 from qdq.passes.base import run_passes
 from qdq.passes.fold_batchnorm import FoldBatchNorm
@@ -143,12 +149,15 @@ def quantize(
     # float reference the output is compared with.
     working, plan, used, rescaled = calibrated_plan(prepared, plan, calibration, config, ranges, notes,
                                                     progress=progress)
+    check_weights(working, plan)  # before anything materializes them
+    plan, technique_notes = leave_dominant_layers(working, plan, used, calibration, config)
+    notes.extend(technique_notes)
+    used = used.subset(plan.activation_names())
     if config.target_sqnr is not None or config.max_top1_drop is not None:
         plan, used, float_session = meet_target(working, plan, used, evaluation, config, notes, progress=progress)
     else:
         float_session = None
     used = dataclasses.replace(used, rescaled=rescaled)
-    check_weights(working, plan)
     working, technique_notes = after_calibration(working, plan, used, calibration, config)
     notes.extend(technique_notes)
 

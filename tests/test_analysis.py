@@ -16,7 +16,7 @@ from qdq.calibrate.data import input_specs, open_data
 from qdq.cli import main
 from qdq.compare import OutputAccumulator, OutputMetrics, attribute_error
 from qdq.inspect import inspect_model
-from qdq.sensitivity import Goal, fall_back, layer_sensitivity
+from qdq.sensitivity import Goal, dominant_layer, fall_back, layer_sensitivity
 
 HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
 
@@ -79,8 +79,9 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_the_target_leaves_it_floa
     assert gain > 10, report.describe()
 
     target = report.all_db + gain / 2
+    # optimize=0: dominant-layer would leave Conv_b float before the target is looked at (the next test)
     result = qdq.quantize(model, calib, evaluation_data=evaluation,
-                          config=qdq.QuantizeConfig(method="max", target_sqnr=target))
+                          config=qdq.QuantizeConfig(method="max", target_sqnr=target, optimize=0))
     assert result.report.comparison.outputs[0].sqnr_db >= target
     assert not next(d for d in result.plan.decisions if d.node == "Conv_b").quantized
     assert next(d for d in result.plan.decisions if d.node == "Conv_y").quantized, "only what the target needs"
@@ -117,6 +118,35 @@ def test_fallback_ranks_by_added_noise_and_reaches_the_target_through_cancelling
     # Ranked by what leaving each float gains alone (c, d, then a and b, which lose), every layer went float.
     assert result.met and result.left_float == (a, b, c), result
     assert result.after == "40.00 dB"
+
+
+@pytest.mark.parametrize("errors, expected", [
+    pytest.param({"a": [0, .2, 0], "b": [0, 0, .2], "c": [.9, 0, 0], "d": [0, .1, .1]}, ("c", 0.82), id="one-loud"),
+    pytest.param({"a": [.3, 0, 0], "b": [0, .3, 0], "c": [0, 0, .3], "d": [.2, .2, 0]}, None, id="even"),
+])
+def test_dominant_layer_is_found_by_halving(errors, expected):
+    plan = qdq.explain(parse(CHAIN4, np.random.default_rng(0)))
+    nodes = {letter: d.node for letter, d in zip("abcd", plan.quantized_nodes(), strict=True)}
+    evaluate = VectorErrors({nodes[k]: e for k, e in errors.items()})
+    found = dominant_layer(plan, evaluate, evaluate(plan), 0.5)
+    if expected is None:
+        assert found is None, found
+    else:
+        assert found.node == nodes[expected[0]] and found.share == pytest.approx(expected[1], abs=0.005), found
+
+
+def test_a_dominant_layer_is_left_float_by_default_and_said(rng):
+    """The fragile model's middle Conv reads a channel 1000x the others: it makes nearly all the noise."""
+    model, calib = fragile_model(rng), {"x": rng.normal(size=(16, 16, 8, 8)).astype(np.float32)}
+    result = qdq.quantize(model, calib)
+    decision = next(d for d in result.plan.decisions if d.node == "Conv_b")
+    assert not decision.quantized and decision.rule == "dominant-layer", decision
+    assert any(n.startswith("dominant-layer: Conv_b left float") for n in result.report.notes), result.report.notes
+    off = qdq.quantize(model, calib, config=qdq.QuantizeConfig(
+        techniques=("equalize", "smoothquant", "bias-correction", "uneven-depthwise")))
+    assert next(d for d in off.plan.decisions if d.node == "Conv_b").quantized
+    reference = run_ort(model, calib)[0]
+    assert sqnr_db(reference, run_ort(result.model, calib)[0]) > sqnr_db(reference, run_ort(off.model, calib)[0]) + 10
 
 
 def test_target_sqnr_needs_evaluation_data(rng):

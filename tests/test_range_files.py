@@ -133,7 +133,9 @@ def test_partial_ranges_calibrate_only_the_missing_tensors():
     full = digits_ranges()
     names = list(full)
     given = qdq.TensorRanges({names[0]: 123.0}, method="text")
-    result = qdq.quantize(DIGITS / "digits.onnx", DIGITS / "calib.npz", ranges=given)
+    # optimize=0: with 123 for the input, the first Conv makes most of the noise, and dominant-layer leaves it float
+    result = qdq.quantize(DIGITS / "digits.onnx", DIGITS / "calib.npz", ranges=given,
+                          config=qdq.QuantizeConfig(optimize=0))
     scales = q_scales(result.model)
     assert scales[names[0]] == np.float32(123.0 / INT8.qmax)
     for name in names[1:]:

@@ -10,15 +10,17 @@ where it brings the outputs closer. Each technique is a separate module and can 
   adaround         learned rounding: each weight rounded up or down for its layer's output error
   bias-correction  the mean output shift of weight quantization folded into the biases
   uneven-depthwise depthwise Convs whose input channel ranges are very uneven left float (a placement change)
+  dominant-layer   a layer whose quantization alone makes most of the output noise left float (a placement change)
 """
 
 from __future__ import annotations
 
-TECHNIQUES: tuple[str, ...] = ("equalize", "smoothquant", "adaround", "bias-correction", "uneven-depthwise")
+TECHNIQUES: tuple[str, ...] = ("equalize", "smoothquant", "adaround", "bias-correction", "uneven-depthwise",
+                                "dominant-layer")
 LEVELS: dict[int, tuple[str, ...]] = {
     0: (),
-    1: ("equalize", "smoothquant", "bias-correction", "uneven-depthwise"),
-    2: ("equalize", "smoothquant", "adaround", "bias-correction", "uneven-depthwise"),
+    1: ("equalize", "smoothquant", "bias-correction", "uneven-depthwise", "dominant-layer"),
+    2: ("equalize", "smoothquant", "adaround", "bias-correction", "uneven-depthwise", "dominant-layer"),
 }
 # The techniques that rescale activations: ranges measured after them are the rescaled model's tensors'.
 RESCALING: tuple[str, ...] = ("equalize", "smoothquant")
