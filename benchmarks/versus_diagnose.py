@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from versus import MODELS, batch_of, batches, load, metrics, quantize_modelopt, run  # noqa: E402
+from versus import MODELS, batch_of, batches, load, metrics, quantize_modelopt, run, task_text  # noqa: E402
 
 from qdq import QuantizeConfig, TensorRanges, prepare, quantize  # noqa: E402
 from qdq.calibrate.data import input_specs, open_data  # noqa: E402
@@ -172,7 +172,7 @@ def main() -> None:
 
     def score(label: str, quantized: onnx.ModelProto) -> None:
         m = metrics(model, reference, run(quantized, feeds, model))
-        print(f"| {args.model} | {label} | {m['sqnr']:.2f} | {m['task']:.4f} |", flush=True)
+        print(f"| {args.model} | {label} | {m['sqnr']:.2f} | {task_text(m, 4)} |", flush=True)
 
     print("| model | variant | SQNR dB | task metric |\n|---|---|---:|---:|")
     ours = quantize(model.path, model.calib, config=QuantizeConfig(optimize=0))
