@@ -136,13 +136,18 @@ def colour(rng: np.random.Generator, low: int, high: int) -> tuple[int, ...]:
     return tuple(int(v) for v in rng.integers(low, high, 3))
 
 
-def scene(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A face/hand-ish scene: textured background, a skin-tone ellipse with dark eyes/mouth and finger strokes."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
+def gradient(rng: np.random.Generator, w: int, h: int, noise: float) -> Image.Image:
+    """A random colour gradient with pixel noise, slightly blurred: the background of the rendered scenes."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
     base = np.stack([rng.uniform(30, 220) + rng.uniform(-90, 90) * xx + rng.uniform(-90, 90) * yy for _ in range(3)],
                     -1)
-    image = Image.fromarray(np.clip(base + rng.normal(0, 15, base.shape), 0, 255).astype(np.uint8))
-    image = image.filter(ImageFilter.GaussianBlur(1))
+    image = Image.fromarray(np.clip(base + rng.normal(0, noise, base.shape), 0, 255).astype(np.uint8))
+    return image.filter(ImageFilter.GaussianBlur(1))
+
+
+def scene(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A face/hand-ish scene: textured background, a skin-tone ellipse with dark eyes/mouth and finger strokes."""
+    image = gradient(rng, size, size, noise=15)
     draw = ImageDraw.Draw(image)
     for _ in range(rng.integers(0, 4)):
         draw.rectangle([int(v) for v in np.sort(rng.integers(0, size, 4).reshape(2, 2), 0).ravel()],
@@ -261,10 +266,7 @@ def people_scene(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     """An indoor/outdoor-ish scene with 1-3 people-like figures: skin-tone head, torso, arms and legs, some of them
     partly covered by coloured clothes, on a gradient background with furniture-like rectangles."""
     yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    base = np.stack([rng.uniform(30, 220) + rng.uniform(-90, 90) * xx + rng.uniform(-90, 90) * yy for _ in range(3)],
-                    -1)
-    image = Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
-    image = image.filter(ImageFilter.GaussianBlur(1))
+    image = gradient(rng, w, h, noise=12)
     draw = ImageDraw.Draw(image)
     for _ in range(rng.integers(0, 5)):
         x0, x1 = np.sort(rng.integers(0, w, 2))
