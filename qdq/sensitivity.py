@@ -124,7 +124,7 @@ def dominant_layer(plan: QuantPlan, evaluate: Evaluator, all_db: float, share: f
     what counts (PP-LCNet orientation's last pooling alone adds 119% of the noise the whole model makes).
     """
     part, held = [d.node for d in plan.quantized_nodes()], 1.0
-    if len(part) * share <= 1:  # an even share would be that much
+    if len(part) * share < 2:  # fewer layers than twice an even share: one of so few often holds that much
         return None
     total = 10 ** (-all_db / 10)
     while len(part) > 1:

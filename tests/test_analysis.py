@@ -136,8 +136,18 @@ def test_dominant_layer_is_found_by_halving(errors, expected):
 
 
 def test_a_dominant_layer_is_left_float_by_default_and_said(rng):
-    """The fragile model's middle Conv reads a channel 1000x the others: it makes nearly all the noise."""
-    model, calib = fragile_model(rng), {"x": rng.normal(size=(16, 16, 8, 8)).astype(np.float32)}
+    """The fragile model's second Conv reads a channel 1000x the others: it makes nearly all the noise (one more
+    Conv after it: with fewer than four layers, one of them often holds half the noise)."""
+    model = fragile_model(rng)
+    tail = parse(FRAGILE.replace("y = Conv <pads = [1, 1, 1, 1]> (rb, w3)",
+                                 "c = Conv <pads = [1, 1, 1, 1]> (rb, w3)\n  rc = Relu (c)\n"
+                                 "  y = Conv <pads = [1, 1, 1, 1]> (rc, w4)").replace(
+        "float[16, 16, 3, 3] w3 = {0.0}>", "float[16, 16, 3, 3] w3 = {0.0}, float[16, 16, 3, 3] w4 = {0.0}>"),
+        rng, weight_scale=0.1)
+    for init in model.graph.initializer:  # the fragile weights, and a plain fourth Conv
+        next(i for i in tail.graph.initializer if i.name == init.name).CopyFrom(init)
+    model = tail
+    calib = {"x": rng.normal(size=(16, 16, 8, 8)).astype(np.float32)}
     result = qdq.quantize(model, calib)
     decision = next(d for d in result.plan.decisions if d.node == "Conv_b")
     assert not decision.quantized and decision.rule == "dominant-layer", decision
